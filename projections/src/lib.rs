@@ -1,0 +1,16 @@
+//! Read models and the code that builds them from the event store.
+//!
+//! A projection folds stored events, in the store's global order, into
+//! Postgres tables (and, after commit, into Redis caches). The runner tails
+//! the `events` table gap-safely, applies each batch and moves the
+//! projection's checkpoint in one transaction, so a crash never loses or
+//! double-applies an event. Depends on `domain` for event types and on sqlx;
+//! never on the HTTP layer.
+
+pub mod runner;
+pub mod set;
+pub mod stored_event;
+
+pub use runner::{Projection, ProjectionError, ProjectionRunner, StepOutcome};
+pub use set::{ProjectionSet, WaitError};
+pub use stored_event::{GlobalPosition, StoredEvent};

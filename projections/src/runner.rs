@@ -1,0 +1,315 @@
+//! Tails the event store for one projection, exactly once per event.
+//!
+//! Each step runs in one transaction: take the projection's advisory lock
+//! (so that any number of server instances can run the same runner and only
+//! one applies a batch), read the events after the checkpoint that lie below
+//! the visibility horizon, apply them, move the checkpoint, commit. The
+//! horizon is the oldest transaction still running: everything below it is
+//! final, so a transaction that commits late with a smaller position is read
+//! when it commits, never skipped.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use sqlx::{PgConnection, PgPool};
+use tokio::sync::watch;
+
+use crate::stored_event::{GlobalPosition, StoredEvent, STORED_EVENT_COLUMNS};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProjectionError {
+    #[error(transparent)]
+    Database(#[from] sqlx::Error),
+    #[error("event {position} ({event_type}) could not be decoded: {source}")]
+    Decode {
+        position: i64,
+        event_type: String,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("{0}")]
+    Other(String),
+}
+
+impl ProjectionError {
+    pub fn decode(event: &StoredEvent, source: serde_json::Error) -> Self {
+        Self::Decode {
+            position: event.position,
+            event_type: event.event_type.clone(),
+            source,
+        }
+    }
+}
+
+/// A read model built from events.
+#[async_trait::async_trait]
+pub trait Projection: Send + Sync + 'static {
+    /// Stable name: the checkpoint's key and the advisory lock's seed.
+    fn name(&self) -> &'static str;
+
+    /// Whether events of this aggregate type concern this projection. Others
+    /// are passed over but still move the checkpoint.
+    fn handles(&self, aggregate_type: &str) -> bool;
+
+    /// Folds one event into the read model, inside the step's transaction.
+    /// Must be harmless to call again for an event it has already seen
+    /// (replays after a rebuild are not deduplicated by the runner).
+    async fn apply(
+        &self,
+        tx: &mut PgConnection,
+        event: &StoredEvent,
+    ) -> Result<(), ProjectionError>;
+
+    /// Empties the read model, inside a transaction, before a rebuild.
+    async fn reset(&self, tx: &mut PgConnection) -> Result<(), ProjectionError>;
+
+    /// Runs after a batch committed, for side effects outside Postgres such
+    /// as dropping cache entries. Failures are logged, never retried: caches
+    /// carry versions and expire, so a missed invalidation heals itself.
+    async fn after_commit(&self, _events: &[StoredEvent]) {}
+}
+
+/// What one step did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StepOutcome {
+    /// Applied this many events (the checkpoint moved past them).
+    Applied(usize),
+    /// Nothing new below the horizon.
+    Idle,
+    /// Another runner (another instance) holds the projection right now.
+    Busy,
+}
+
+pub struct ProjectionRunner {
+    pool: PgPool,
+    projection: Arc<dyn Projection>,
+    batch_size: i64,
+    checkpoint: watch::Sender<GlobalPosition>,
+}
+
+impl ProjectionRunner {
+    pub fn new(pool: PgPool, projection: Arc<dyn Projection>) -> Self {
+        Self {
+            pool,
+            projection,
+            batch_size: 500,
+            checkpoint: watch::channel(GlobalPosition::START).0,
+        }
+    }
+
+    pub fn with_batch_size(mut self, batch_size: i64) -> Self {
+        self.batch_size = batch_size.max(1);
+        self
+    }
+
+    pub fn name(&self) -> &'static str {
+        self.projection.name()
+    }
+
+    /// Follows the checkpoint this runner has committed.
+    pub fn subscribe(&self) -> watch::Receiver<GlobalPosition> {
+        self.checkpoint.subscribe()
+    }
+
+    /// Makes sure the checkpoint row exists. Done once, outside the steps,
+    /// because an insert would give the step's transaction an id and hold
+    /// back the horizon it reads below.
+    pub async fn register(&self) -> Result<GlobalPosition, ProjectionError> {
+        sqlx::query("INSERT INTO projection_checkpoints (name) VALUES ($1) ON CONFLICT DO NOTHING")
+            .bind(self.name())
+            .execute(&self.pool)
+            .await?;
+        let position = read_checkpoint(&self.pool, self.name()).await?;
+        self.checkpoint.send_replace(position);
+        Ok(position)
+    }
+
+    /// Applies at most one batch.
+    pub async fn try_step(&self) -> Result<StepOutcome, ProjectionError> {
+        let mut tx = self.pool.begin().await?;
+        let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock($1)")
+            .bind(lock_key(self.name()))
+            .fetch_one(&mut *tx)
+            .await?;
+        if !locked {
+            return Ok(StepOutcome::Busy);
+        }
+        let after: GlobalPosition = sqlx::query_as::<_, (i64, i64)>(
+            "SELECT last_txid, last_position FROM projection_checkpoints WHERE name = $1",
+        )
+        .bind(self.name())
+        .fetch_optional(&mut *tx)
+        .await?
+        .map(|(txid, position)| GlobalPosition { txid, position })
+        .ok_or_else(|| ProjectionError::Other(format!("{} is not registered", self.name())))?;
+
+        let events = read_events_after(&mut tx, after, self.batch_size).await?;
+        let Some(last) = events.last().map(StoredEvent::global_position) else {
+            self.checkpoint
+                .send_if_modified(|current| replace_if_newer(current, after));
+            return Ok(StepOutcome::Idle);
+        };
+        for event in events
+            .iter()
+            .filter(|e| self.projection.handles(&e.aggregate_type))
+        {
+            self.projection.apply(&mut tx, event).await?;
+        }
+        sqlx::query(
+            "UPDATE projection_checkpoints SET last_txid = $2, last_position = $3, updated_at = now() \
+             WHERE name = $1",
+        )
+        .bind(self.name())
+        .bind(last.txid)
+        .bind(last.position)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+
+        self.checkpoint
+            .send_if_modified(|current| replace_if_newer(current, last));
+        metrics::counter!("projection_events_applied_total", "projection" => self.name())
+            .increment(events.len() as u64);
+        let relevant: Vec<StoredEvent> = events
+            .iter()
+            .filter(|e| self.projection.handles(&e.aggregate_type))
+            .cloned()
+            .collect();
+        if !relevant.is_empty() {
+            self.projection.after_commit(&relevant).await;
+        }
+        Ok(StepOutcome::Applied(events.len()))
+    }
+
+    /// Steps until nothing is left below the horizon; for tests and rebuilds.
+    pub async fn catch_up(&self) -> Result<usize, ProjectionError> {
+        let mut applied = 0;
+        loop {
+            match self.try_step().await? {
+                StepOutcome::Applied(n) => applied += n,
+                StepOutcome::Idle => return Ok(applied),
+                StepOutcome::Busy => tokio::time::sleep(Duration::from_millis(5)).await,
+            }
+        }
+    }
+
+    /// Runs until `shutdown` turns true. `wake` changes whenever events were
+    /// appended (by this instance, or by another one through NOTIFY).
+    pub async fn run(
+        self: Arc<Self>,
+        mut wake: watch::Receiver<u64>,
+        mut shutdown: watch::Receiver<bool>,
+    ) {
+        if let Err(error) = self.register().await {
+            tracing::error!(projection = self.name(), %error, "projection could not register");
+        }
+        let mut failures: u32 = 0;
+        let mut idle_rounds: u32 = 0;
+        while !*shutdown.borrow() {
+            let pause = match self.try_step().await {
+                Ok(StepOutcome::Applied(_)) => {
+                    failures = 0;
+                    idle_rounds = 0;
+                    continue;
+                }
+                // Right after a wake-up the new events may still sit behind an
+                // older running transaction: look again soon, then slow down.
+                Ok(StepOutcome::Idle) => {
+                    idle_rounds = idle_rounds.saturating_add(1);
+                    if idle_rounds <= 5 {
+                        Duration::from_millis(2u64 << idle_rounds)
+                    } else {
+                        Duration::from_millis(500)
+                    }
+                }
+                Ok(StepOutcome::Busy) => Duration::from_millis(100),
+                Err(error) => {
+                    failures = failures.saturating_add(1);
+                    tracing::error!(projection = self.name(), %error, failures, "projection step failed");
+                    Duration::from_millis(100u64.saturating_mul(1 << failures.min(6)))
+                }
+            };
+            tokio::select! {
+                changed = wake.changed() => {
+                    if changed.is_err() { return; }
+                    idle_rounds = 0;
+                }
+                _ = tokio::time::sleep(pause) => {}
+                _ = shutdown.changed() => {}
+            }
+        }
+    }
+
+    /// Empties the read model and its checkpoint in one transaction, under
+    /// the projection's lock; the runner then replays the whole store.
+    pub async fn reset(&self) -> Result<(), ProjectionError> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("SELECT pg_advisory_xact_lock($1)")
+            .bind(lock_key(self.name()))
+            .execute(&mut *tx)
+            .await?;
+        self.projection.reset(&mut tx).await?;
+        sqlx::query(
+            "UPDATE projection_checkpoints SET last_txid = 0, last_position = 0, updated_at = now() \
+             WHERE name = $1",
+        )
+        .bind(self.name())
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        self.checkpoint.send_replace(GlobalPosition::START);
+        Ok(())
+    }
+}
+
+fn replace_if_newer(current: &mut GlobalPosition, candidate: GlobalPosition) -> bool {
+    if candidate > *current {
+        *current = candidate;
+        true
+    } else {
+        false
+    }
+}
+
+/// The checkpoint as committed, whichever instance moved it.
+pub async fn read_checkpoint(pool: &PgPool, name: &str) -> Result<GlobalPosition, ProjectionError> {
+    let row: Option<(i64, i64)> = sqlx::query_as(
+        "SELECT last_txid, last_position FROM projection_checkpoints WHERE name = $1",
+    )
+    .bind(name)
+    .fetch_optional(pool)
+    .await?;
+    Ok(row
+        .map(|(txid, position)| GlobalPosition { txid, position })
+        .unwrap_or_default())
+}
+
+/// Events after `after` in global order, up to the visibility horizon.
+pub async fn read_events_after(
+    conn: &mut PgConnection,
+    after: GlobalPosition,
+    limit: i64,
+) -> Result<Vec<StoredEvent>, sqlx::Error> {
+    sqlx::query_as::<_, StoredEvent>(&format!(
+        "SELECT {STORED_EVENT_COLUMNS} FROM events \
+         WHERE (txid, position) > ($1, $2) \
+           AND txid < pg_snapshot_xmin(pg_current_snapshot())::text::bigint \
+         ORDER BY txid, position LIMIT $3"
+    ))
+    .bind(after.txid)
+    .bind(after.position)
+    .bind(limit)
+    .fetch_all(conn)
+    .await
+}
+
+/// A stable 64-bit advisory-lock key for a projection name (FNV-1a), so the
+/// key does not depend on Rust's randomly seeded hasher.
+fn lock_key(name: &str) -> i64 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in b"projection:".iter().chain(name.as_bytes()) {
+        hash ^= u64::from(*byte);
+        hash = hash.wrapping_mul(0x0100_0000_01b3);
+    }
+    hash as i64
+}

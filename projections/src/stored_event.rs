@@ -1,0 +1,62 @@
+//! An event as the store holds it, and its place in the global order.
+
+use chrono::{DateTime, Utc};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+/// A point in the store's global order: events are totally ordered by
+/// `(txid, position)`. Ordering by `position` alone is not gap-safe (a
+/// transaction may take a position and commit after a larger one), while
+/// every transaction below the oldest running `txid` is final.
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
+pub struct GlobalPosition {
+    pub txid: i64,
+    pub position: i64,
+}
+
+impl GlobalPosition {
+    pub const START: Self = Self {
+        txid: 0,
+        position: 0,
+    };
+}
+
+/// One row of the `events` table.
+#[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
+pub struct StoredEvent {
+    pub position: i64,
+    pub txid: i64,
+    pub aggregate_type: String,
+    pub aggregate_id: String,
+    pub sequence: i64,
+    pub event_type: String,
+    pub event_version: String,
+    pub payload: serde_json::Value,
+    pub metadata: serde_json::Value,
+    pub recorded_at: DateTime<Utc>,
+}
+
+impl StoredEvent {
+    pub fn global_position(&self) -> GlobalPosition {
+        GlobalPosition {
+            txid: self.txid,
+            position: self.position,
+        }
+    }
+
+    /// The payload as the aggregate's event type.
+    pub fn decode<E: DeserializeOwned>(&self) -> Result<E, serde_json::Error> {
+        E::deserialize(&self.payload)
+    }
+
+    /// A metadata field as text (`actor`, `correlation_id`, `idempotency_key`).
+    pub fn metadata_str(&self, key: &str) -> Option<&str> {
+        self.metadata.get(key).and_then(serde_json::Value::as_str)
+    }
+}
+
+/// The columns of `StoredEvent`, for queries that select whole events.
+pub const STORED_EVENT_COLUMNS: &str = "position, txid, aggregate_type, aggregate_id, sequence, \
+     event_type, event_version, payload, metadata, recorded_at";

@@ -1,0 +1,10 @@
+//! The write side's persistence: appending events with optimistic
+//! concurrency, loading aggregates, and executing commands with group commit.
+
+mod executor;
+mod metadata;
+mod repository;
+
+pub use executor::{CommandBus, CommandError, Executed};
+pub use metadata::{Actor, Metadata};
+pub use repository::{AppendError, EventStore, NewEvent};

@@ -1,0 +1,133 @@
+//! Who may call which route: one table, enforced by one middleware.
+//!
+//! Every route the server registers must appear in `ROUTES`; a matched route
+//! that is missing from it is refused, so a new route cannot forget its guard.
+//! The route-table test walks this table against a running server.
+
+use actix_web::body::MessageBody;
+use actix_web::dev::{ServiceRequest, ServiceResponse};
+use actix_web::http::{header, Method};
+use actix_web::middleware::Next;
+use actix_web::{web, HttpMessage};
+
+use super::problem::ApiError;
+use crate::auth::tokens::TokenError;
+use crate::auth::{AuthUser, Role};
+use crate::state::AppState;
+
+/// The cookie that carries the access token for browsers.
+pub const ACCESS_TOKEN_COOKIE: &str = "access_token";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    /// Anyone.
+    Public,
+    /// Anyone; the handler checks a credential of its own (a refresh token,
+    /// a webhook signature) instead of an access token.
+    OwnCredential,
+    /// Any signed-in user.
+    Private,
+    /// Signed-in users with the `admin` role.
+    Admin,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct RouteSpec {
+    pub method: &'static str,
+    pub path: &'static str,
+    pub access: Access,
+}
+
+const fn route(method: &'static str, path: &'static str, access: Access) -> RouteSpec {
+    RouteSpec {
+        method,
+        path,
+        access,
+    }
+}
+
+/// Every route, with the access it needs. Paths are actix match patterns.
+pub const ROUTES: &[RouteSpec] = &[
+    route("GET", "/healthz", Access::Public),
+    route("GET", "/readyz", Access::Public),
+    route("GET", "/metrics", Access::Public),
+    route("GET", "/api-docs/openapi.json", Access::Public),
+    route("GET", "/docs", Access::Public),
+    route("GET", "/docs/{_:.*}", Access::Public),
+    route("POST", "/api/v1/auth/register", Access::Public),
+    route("POST", "/api/v1/auth/login", Access::Public),
+    route("POST", "/api/v1/auth/logout", Access::Private),
+    route("POST", "/api/v1/auth/refresh-token", Access::OwnCredential),
+    route("POST", "/api/v1/auth/change-password", Access::Private),
+    route("GET", "/api/v1/auth/me", Access::Private),
+];
+
+fn access_for(method: &Method, pattern: &str) -> Option<Access> {
+    ROUTES
+        .iter()
+        .find(|spec| spec.path == pattern && spec.method == method.as_str())
+        .map(|spec| spec.access)
+}
+
+/// The access token from `Authorization: Bearer` or, failing that, the cookie.
+fn presented_token(request: &ServiceRequest) -> Option<String> {
+    let bearer = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| {
+            let (scheme, token) = value.split_once(' ')?;
+            scheme
+                .eq_ignore_ascii_case("bearer")
+                .then(|| token.trim().to_owned())
+        });
+    bearer.or_else(|| {
+        request
+            .cookie(ACCESS_TOKEN_COOKIE)
+            .map(|c| c.value().to_owned())
+    })
+}
+
+pub async fn enforce_access(
+    request: ServiceRequest,
+    next: Next<impl MessageBody>,
+) -> Result<ServiceResponse<impl MessageBody>, actix_web::Error> {
+    let Some(pattern) = request.match_pattern() else {
+        // Unknown path: routing answers 404.
+        return next.call(request).await;
+    };
+    let access = match access_for(request.method(), &pattern) {
+        Some(access) => access,
+        // A known path with a method it does not serve: routing answers 405.
+        None if ROUTES.iter().any(|spec| spec.path == pattern) => return next.call(request).await,
+        None => {
+            tracing::error!(%pattern, method = %request.method(), "route missing from the access table");
+            return Err(ApiError::Forbidden.into());
+        }
+    };
+    if matches!(access, Access::Private | Access::Admin) {
+        let user = authenticate(&request)?;
+        if access == Access::Admin && user.role != Role::Admin {
+            return Err(ApiError::Forbidden.into());
+        }
+        request.extensions_mut().insert(user);
+    }
+    next.call(request).await
+}
+
+fn authenticate(request: &ServiceRequest) -> Result<AuthUser, ApiError> {
+    let token =
+        presented_token(request).ok_or_else(|| ApiError::Unauthorized("sign in first".into()))?;
+    let state = request
+        .app_data::<web::Data<AppState>>()
+        .ok_or_else(|| ApiError::internal(anyhow::anyhow!("application state missing")))?;
+    let claims = state.tokens.verify(&token).map_err(|error| match error {
+        TokenError::Expired => ApiError::Unauthorized("the access token has expired".into()),
+        _ => ApiError::Unauthorized("the access token is not valid".into()),
+    })?;
+    Ok(AuthUser {
+        id: claims.sub,
+        role: claims.role,
+        session_id: claims.sid,
+    })
+}

@@ -1,0 +1,31 @@
+//! The HTTP layer: routing, extractors, errors and middleware.
+
+pub mod access;
+pub mod extract;
+pub mod middleware;
+pub mod openapi;
+pub mod ops;
+pub mod problem;
+
+use actix_web::{web, HttpRequest, HttpResponse};
+
+/// Registers every route of the API.
+pub fn configure(config: &mut web::ServiceConfig) {
+    config
+        .service(ops::healthz)
+        .service(ops::readyz)
+        .service(ops::prometheus_metrics)
+        .configure(openapi::configure)
+        .configure(crate::auth::routes::configure);
+}
+
+/// Requests no route took: 405 when the path is known (route macros guard
+/// the method at the resource, so a wrong method lands here too), else 404.
+/// The problem middleware fills in the body.
+pub async fn not_found(request: HttpRequest) -> HttpResponse {
+    if request.match_pattern().is_some() {
+        HttpResponse::MethodNotAllowed().finish()
+    } else {
+        HttpResponse::NotFound().finish()
+    }
+}

@@ -1,0 +1,17 @@
+//! The commerce server: HTTP API, authentication, configuration, the event
+//! store and command execution, and the wiring of projections.
+//!
+//! `main.rs` only parses the command line; everything else lives here so
+//! that tests can build and drive the real application.
+
+pub mod auth;
+pub mod cli;
+pub mod config;
+pub mod db;
+pub mod event_store;
+pub mod http;
+pub mod read_models;
+pub mod redis_cache;
+pub mod startup;
+pub mod state;
+pub mod telemetry;

@@ -1,0 +1,10 @@
+//! The projections this server runs, wired to what they need.
+
+use std::sync::Arc;
+
+use projections::Projection;
+
+/// Every read model, in no particular order (each keeps its own checkpoint).
+pub fn all() -> Vec<Arc<dyn Projection>> {
+    Vec::new()
+}

@@ -1,0 +1,20 @@
+//! What every request handler can reach.
+
+use std::sync::Arc;
+
+use projections::ProjectionSet;
+use sqlx::PgPool;
+
+use crate::auth::tokens::AccessTokens;
+use crate::config::Settings;
+use crate::event_store::EventStore;
+use crate::redis_cache::Redis;
+
+pub struct AppState {
+    pub settings: Arc<Settings>,
+    pub pool: PgPool,
+    pub redis: Redis,
+    pub store: EventStore,
+    pub projections: ProjectionSet,
+    pub tokens: AccessTokens,
+}

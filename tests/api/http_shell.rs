@@ -1,0 +1,98 @@
+//! The HTTP shell: ops endpoints, request ids, and problem responses for
+//! every kind of client mistake.
+
+use reqwest::Method;
+use serde_json::Value;
+
+use crate::helpers::{problem, spawn_app};
+
+#[tokio::test]
+async fn healthz_answers_ok_with_a_request_id() {
+    let app = spawn_app().await;
+    let response = app.get("/healthz").await;
+    assert_eq!(response.status(), 200);
+    let request_id = response
+        .headers()
+        .get("x-request-id")
+        .expect("request id header");
+    assert!(!request_id.is_empty());
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["status"], "ok");
+}
+
+#[tokio::test]
+async fn readyz_reports_postgres_and_redis_separately() {
+    let app = spawn_app().await;
+    let body: Value = app.get("/readyz").await.json().await.unwrap();
+    assert_eq!(body["postgres"]["status"], "up", "{body}");
+    assert_eq!(body["redis"]["status"], "up", "{body}");
+    assert_eq!(body["status"], "ready");
+}
+
+#[tokio::test]
+async fn readyz_is_degraded_but_ready_when_redis_is_unreachable() {
+    let app = crate::helpers::spawn_app_with(|settings| {
+        // Nothing listens on port 1.
+        settings.redis_url = secrecy::SecretString::from("redis://127.0.0.1:1");
+    })
+    .await;
+    let response = app.get("/readyz").await;
+    assert_eq!(response.status(), 200);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["status"], "degraded", "{body}");
+    assert_eq!(body["redis"]["status"], "down");
+    assert_eq!(body["postgres"]["status"], "up");
+}
+
+#[tokio::test]
+async fn metrics_are_in_prometheus_text_format() {
+    let app = spawn_app().await;
+    app.get("/healthz").await;
+    let response = app.get("/metrics").await;
+    assert_eq!(response.status(), 200);
+    let text = response.text().await.unwrap();
+    assert!(text.contains("http_requests_total"), "{text}");
+    assert!(
+        text.contains("http_request_duration_seconds_bucket"),
+        "{text}"
+    );
+    assert!(text.contains("db_pool_connections"), "{text}");
+}
+
+#[tokio::test]
+async fn openapi_document_and_docs_page_are_served() {
+    let app = spawn_app().await;
+    let document: Value = app
+        .get("/api-docs/openapi.json")
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert!(document["openapi"].as_str().unwrap().starts_with("3."));
+    assert!(document["paths"]["/healthz"].is_object());
+    let redirect = app.get("/docs").await;
+    assert_eq!(redirect.status(), 308);
+    let page = app.get("/docs/").await;
+    assert_eq!(page.status(), 200);
+    assert!(
+        page.text().await.unwrap().contains("swagger"),
+        "Swagger UI page"
+    );
+}
+
+#[tokio::test]
+async fn unknown_routes_are_404_problems() {
+    let app = spawn_app().await;
+    problem(app.get("/no/such/route").await, 404, "not_found").await;
+}
+
+#[tokio::test]
+async fn a_wrong_method_is_a_405_problem() {
+    let app = spawn_app().await;
+    let response = app
+        .request(Method::DELETE, "/healthz")
+        .send()
+        .await
+        .unwrap();
+    problem(response, 405, "method_not_allowed").await;
+}

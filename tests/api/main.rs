@@ -1,0 +1,7 @@
+//! Black-box tests against the real application, real Postgres and real
+//! Redis. Every test gets a database of its own and a Redis key prefix of
+//! its own, so tests run in parallel.
+
+mod event_store;
+mod helpers;
+mod http_shell;
