@@ -5,10 +5,20 @@
 //! number: time, ids and prices arrive inside commands. The crate may depend
 //! on `cqrs-es` (for its `Aggregate` and `DomainEvent` traits and its test
 //! framework) and on plain data crates; never on sqlx, actix or redis.
+//!
+//! Aggregates, each one `Decider` with its commands, events and error enum
+//! beside it: [`inventory::InventoryItem`] (stock of one variant),
+//! [`order::Order`], [`catalog::Product`], [`catalog::Category`] and
+//! [`cart::Cart`]. Checked value types (quantity, money, SKU, slug, name)
+//! are in [`values`].
 
 use cqrs_es::event_sink::EventSink;
 use cqrs_es::Aggregate;
 
+pub mod cart;
+pub mod catalog;
+pub mod inventory;
+pub mod order;
 pub mod values;
 
 /// An aggregate whose business rules are one pure, synchronous function.
