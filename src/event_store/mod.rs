@@ -1,6 +1,7 @@
 //! The write side's persistence: appending events with optimistic
 //! concurrency, loading aggregates, and executing commands with group commit.
 
+mod cqrs_adapter;
 mod executor;
 mod metadata;
 mod repository;

@@ -421,3 +421,77 @@ async fn every_event_records_who_why_and_when() {
     assert!((chrono::Utc::now() - event.recorded_at).num_seconds().abs() < 60);
     assert_eq!(event.event_type, "Added");
 }
+
+#[tokio::test]
+async fn cqrs_es_runs_on_our_store_and_reloads_what_it_wrote() {
+    let app = spawn_app().await;
+    let store = EventStore::new(app.pool.clone());
+    let framework = cqrs_es::CqrsFramework::new(
+        cqrs_es::persist::PersistedEventStore::<EventStore, Counter>::new_event_store(
+            store.clone(),
+        ),
+        vec![],
+        (),
+    );
+
+    for op in 0..5 {
+        framework
+            .execute("via-cqrs", Add { op, amount: 2 })
+            .await
+            .unwrap();
+    }
+    let refused = framework
+        .execute("via-cqrs", Add { op: 99, amount: 25 })
+        .await;
+
+    assert!(matches!(
+        refused,
+        Err(cqrs_es::AggregateError::UserError(CounterError::Full {
+            available: 20
+        }))
+    ));
+    // Our executor, on the same rows, sees exactly what cqrs-es wrote.
+    let bus = CommandBus::<Counter>::new(store);
+    let executed = bus
+        .execute("via-cqrs", Add { op: 100, amount: 1 }, metadata())
+        .await
+        .unwrap();
+    assert_eq!(executed.version, 6);
+    assert_eq!(
+        executed.events,
+        vec![CounterEvent::Added {
+            op: 100,
+            amount: 1,
+            total: 11
+        }]
+    );
+}
+
+#[tokio::test]
+async fn a_handler_can_wait_until_a_projection_has_applied_its_write() {
+    let app = spawn_app().await;
+    create_seen_table(&app.pool).await;
+    let store = EventStore::new(app.pool.clone());
+    let set = projections::ProjectionSet::new(app.pool.clone(), vec![Arc::new(SeenEvents)]);
+    let (_stop, stopped) = watch::channel(false);
+    let _tasks = set.spawn(&store.appended_signal(), &stopped);
+
+    let written = store
+        .append(&[raw_event("read-your-write", 1)])
+        .await
+        .unwrap()
+        .unwrap();
+    set.wait_for("test_seen_events", written, Duration::from_secs(5))
+        .await
+        .unwrap();
+
+    let seen: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM test_seen WHERE aggregate_id = 'read-your-write'")
+            .fetch_one(&app.pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        seen, 1,
+        "the read model shows the write as soon as the wait returns"
+    );
+}
