@@ -37,6 +37,8 @@ impl Role {
 }
 
 /// The signed-in caller, put in the request by the access middleware.
+/// On public routes, extract `Option<AuthUser>`: present when a valid token
+/// came with the request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct AuthUser {
     pub id: Uuid,

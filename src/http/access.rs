@@ -105,12 +105,22 @@ pub async fn enforce_access(
             return Err(ApiError::Forbidden.into());
         }
     };
-    if matches!(access, Access::Private | Access::Admin) {
-        let user = authenticate(&request)?;
-        if access == Access::Admin && user.role != Role::Admin {
-            return Err(ApiError::Forbidden.into());
+    match access {
+        Access::Private | Access::Admin => {
+            let user = authenticate(&request)?;
+            if access == Access::Admin && user.role != Role::Admin {
+                return Err(ApiError::Forbidden.into());
+            }
+            request.extensions_mut().insert(user);
         }
-        request.extensions_mut().insert(user);
+        // Public routes may show a signed-in caller more (an admin sees more
+        // stock detail); a bad token there is ignored, not refused.
+        Access::Public => {
+            if let Ok(user) = authenticate(&request) {
+                request.extensions_mut().insert(user);
+            }
+        }
+        Access::OwnCredential => {}
     }
     next.call(request).await
 }
