@@ -4,10 +4,11 @@
 //! present but invalid, or a secret that production requires, stops start-up
 //! with one line that names the variable.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::str::FromStr;
 use std::time::Duration;
 
+use ipnet::IpNet;
 use secrecy::{ExposeSecret, SecretString};
 
 /// Where the server runs; production refuses development shortcuts.
@@ -52,7 +53,8 @@ pub struct Settings {
     pub rate_limit_public_per_min: u32,
     pub rate_limit_auth_per_min: u32,
     pub rate_limit_sensitive_per_min: u32,
-    pub trusted_proxies: Vec<IpAddr>,
+    /// Proxies whose `X-Forwarded-For` is believed (addresses or CIDR ranges).
+    pub trusted_proxies: Vec<IpNet>,
     pub log_format: LogFormat,
 }
 
@@ -141,12 +143,14 @@ impl Settings {
                 .map(str::trim)
                 .filter(|item| !item.is_empty())
                 .map(|item| {
-                    IpAddr::from_str(item).map_err(|_| {
-                        ConfigError::new(
-                            "TRUSTED_PROXIES",
-                            format!("{item:?} is not an IP address"),
-                        )
-                    })
+                    IpNet::from_str(item)
+                        .or_else(|_| std::net::IpAddr::from_str(item).map(IpNet::from))
+                        .map_err(|_| {
+                            ConfigError::new(
+                                "TRUSTED_PROXIES",
+                                format!("{item:?} is not an IP address or CIDR range"),
+                            )
+                        })
                 })
                 .collect::<Result<_, _>>()?,
         };

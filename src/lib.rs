@@ -10,6 +10,7 @@ pub mod config;
 pub mod db;
 pub mod event_store;
 pub mod http;
+pub mod rate_limit;
 pub mod read_models;
 pub mod redis_cache;
 pub mod startup;

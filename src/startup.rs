@@ -18,6 +18,8 @@ use crate::auth::tokens::AccessTokens;
 use crate::config::Settings;
 use crate::event_store::EventStore;
 use crate::http::{self, access, extract, middleware, problem};
+use crate::rate_limit::login_guard::LoginGuard;
+use crate::rate_limit::RateLimits;
 use crate::redis_cache::Redis;
 use crate::state::AppState;
 
@@ -45,8 +47,13 @@ impl Application {
         let port = listener.local_addr()?.port();
         let store = EventStore::new(pool.clone());
         let projections = ProjectionSet::new(pool.clone(), crate::read_models::all());
+        let redis = Redis::connect_lazily(&settings)?;
+        let rate_limits = RateLimits::new(&settings, redis.connection());
+        let login_guard = LoginGuard::new(rate_limits.store().clone(), &settings.redis_key_prefix);
         let state = web::Data::new(AppState {
-            redis: Redis::connect_lazily(&settings)?,
+            redis,
+            rate_limits,
+            login_guard,
             tokens: AccessTokens::new(&settings.jwt_secret, settings.access_token_ttl),
             settings: Arc::new(settings),
             pool: pool.clone(),
@@ -106,6 +113,7 @@ impl Application {
 
 fn serve(listener: TcpListener, state: web::Data<AppState>) -> anyhow::Result<Server> {
     let server = HttpServer::new(move || {
+        let rate_limiter = state.rate_limits.middleware();
         App::new()
             .app_data(state.clone())
             .app_data(extract::path_config())
@@ -113,6 +121,8 @@ fn serve(listener: TcpListener, state: web::Data<AppState>) -> anyhow::Result<Se
             .app_data(web::PayloadConfig::default().limit(extract::DEFAULT_BODY_LIMIT))
             // Listed innermost first: access control runs after the request
             // id exists and inside the problem-body guarantee.
+            // Inside access control, so per-user limits see the user.
+            .wrap(rate_limiter)
             .wrap(from_fn(access::enforce_access))
             .wrap(from_fn(problem::ensure_problem_body))
             .wrap(from_fn(middleware::record_metrics))

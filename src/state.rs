@@ -8,6 +8,8 @@ use sqlx::PgPool;
 use crate::auth::tokens::AccessTokens;
 use crate::config::Settings;
 use crate::event_store::EventStore;
+use crate::rate_limit::login_guard::LoginGuard;
+use crate::rate_limit::RateLimits;
 use crate::redis_cache::Redis;
 
 pub struct AppState {
@@ -17,4 +19,6 @@ pub struct AppState {
     pub store: EventStore,
     pub projections: ProjectionSet,
     pub tokens: AccessTokens,
+    pub rate_limits: RateLimits,
+    pub login_guard: LoginGuard,
 }

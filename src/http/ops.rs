@@ -4,6 +4,7 @@ use actix_web::{get, web, HttpResponse};
 use serde::Serialize;
 use utoipa::ToSchema;
 
+use crate::rate_limit::LimitMode;
 use crate::state::AppState;
 
 #[derive(Serialize, ToSchema)]
@@ -33,6 +34,9 @@ pub struct Readiness {
     status: &'static str,
     postgres: DependencyStatus,
     redis: DependencyStatus,
+    /// `shared` (counted in Redis across instances) or `local` (per
+    /// instance, while Redis is unreachable).
+    rate_limits: &'static str,
 }
 
 fn dependency(result: Result<(), String>) -> DependencyStatus {
@@ -69,10 +73,15 @@ pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
         (Ok(()), Err(_)) => "degraded",
         (Ok(()), Ok(())) => "ready",
     };
+    let rate_limits = match state.rate_limits.mode() {
+        LimitMode::Shared => "shared",
+        LimitMode::Local => "local",
+    };
     let body = Readiness {
         status,
         postgres: dependency(postgres),
         redis: dependency(redis),
+        rate_limits,
     };
     if status == "unavailable" {
         HttpResponse::ServiceUnavailable().json(body)
