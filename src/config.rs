@@ -55,6 +55,8 @@ pub struct Settings {
     pub rate_limit_sensitive_per_min: u32,
     /// Proxies whose `X-Forwarded-For` is believed (addresses or CIDR ranges).
     pub trusted_proxies: Vec<IpNet>,
+    /// Origins allowed to call the API from a browser (none by default).
+    pub cors_allowed_origins: Vec<String>,
     pub log_format: LogFormat,
 }
 
@@ -190,6 +192,15 @@ impl Settings {
             rate_limit_auth_per_min: env.parse("RATE_LIMIT_AUTH_PER_MIN", 30)?,
             rate_limit_sensitive_per_min: env.parse("RATE_LIMIT_SENSITIVE_PER_MIN", 60)?,
             trusted_proxies,
+            cors_allowed_origins: env
+                .get("CORS_ALLOWED_ORIGINS")
+                .map(|list| {
+                    list.split(',')
+                        .map(|origin| origin.trim().trim_end_matches('/').to_owned())
+                        .filter(|origin| !origin.is_empty())
+                        .collect()
+                })
+                .unwrap_or_default(),
             log_format: match env.get("LOG_FORMAT").as_deref() {
                 Some("json") => LogFormat::Json,
                 Some("pretty") => LogFormat::Pretty,

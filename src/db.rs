@@ -14,7 +14,12 @@ pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 pub fn connect_options(settings: &Settings) -> anyhow::Result<PgConnectOptions> {
     let options = PgConnectOptions::from_str(settings.database_url.expose_secret())
         .map_err(|e| anyhow::anyhow!("DATABASE_URL is not a valid Postgres URL: {e}"))?;
+    // A runaway query must not hold a connection (or a lock) forever.
     Ok(options
+        .options([
+            ("statement_timeout", "15s"),
+            ("idle_in_transaction_session_timeout", "60s"),
+        ])
         .log_statements(tracing::log::LevelFilter::Trace)
         .log_slow_statements(tracing::log::LevelFilter::Warn, Duration::from_millis(500)))
 }

@@ -17,7 +17,7 @@ use tracing_actix_web::TracingLogger;
 use crate::auth::tokens::AccessTokens;
 use crate::config::Settings;
 use crate::event_store::EventStore;
-use crate::http::{self, access, extract, middleware, problem};
+use crate::http::{self, access, extract, middleware, problem, security};
 use crate::rate_limit::login_guard::LoginGuard;
 use crate::rate_limit::RateLimits;
 use crate::redis_cache::Redis;
@@ -126,6 +126,8 @@ fn serve(listener: TcpListener, state: web::Data<AppState>) -> anyhow::Result<Se
             .wrap(from_fn(access::enforce_access))
             .wrap(from_fn(problem::ensure_problem_body))
             .wrap(from_fn(middleware::record_metrics))
+            .wrap(security::cors(&state.settings.cors_allowed_origins))
+            .wrap(from_fn(security::security_headers))
             .wrap(from_fn(middleware::request_id_header))
             .wrap(TracingLogger::default())
             .configure(http::configure)

@@ -7,6 +7,7 @@ pub mod middleware;
 pub mod openapi;
 pub mod ops;
 pub mod problem;
+pub mod security;
 
 use actix_web::{web, HttpRequest, HttpResponse};
 

@@ -96,3 +96,80 @@ async fn a_wrong_method_is_a_405_problem() {
         .unwrap();
     problem(response, 405, "method_not_allowed").await;
 }
+
+#[tokio::test]
+async fn responses_carry_security_headers_and_the_docs_page_a_strict_csp() {
+    let app = spawn_app().await;
+    let api = app.get("/healthz").await;
+    assert_eq!(api.headers()["x-content-type-options"], "nosniff");
+    assert_eq!(api.headers()["referrer-policy"], "no-referrer");
+    assert!(api.headers()["content-security-policy"]
+        .to_str()
+        .unwrap()
+        .contains("default-src 'none'"));
+    assert!(
+        api.headers().get("strict-transport-security").is_none(),
+        "no HSTS over plain HTTP"
+    );
+
+    let docs = app.get("/docs/").await;
+    let csp = docs.headers()["content-security-policy"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert!(
+        csp.contains("script-src 'self'") && !csp.contains("unsafe-eval"),
+        "{csp}"
+    );
+}
+
+#[tokio::test]
+async fn hsts_is_sent_when_cookies_are_secure() {
+    let app = crate::helpers::spawn_app_with(|settings| settings.cookie_secure = true).await;
+    let response = app.get("/healthz").await;
+    assert!(response.headers()["strict-transport-security"]
+        .to_str()
+        .unwrap()
+        .contains("max-age="));
+}
+
+#[tokio::test]
+async fn cross_origin_requests_are_allowed_only_from_configured_origins() {
+    let app = crate::helpers::spawn_app_with(|settings| {
+        settings.cors_allowed_origins = vec!["https://shop.example".into()];
+    })
+    .await;
+    let preflight = |origin: &'static str| {
+        app.request(Method::OPTIONS, "/healthz")
+            .header("origin", origin)
+            .header("access-control-request-method", "GET")
+            .send()
+    };
+
+    let allowed = preflight("https://shop.example").await.unwrap();
+    assert_eq!(
+        allowed.headers()["access-control-allow-origin"],
+        "https://shop.example"
+    );
+    assert_eq!(
+        allowed.headers()["access-control-allow-credentials"],
+        "true"
+    );
+    let refused = preflight("https://evil.example").await.unwrap();
+    assert!(refused
+        .headers()
+        .get("access-control-allow-origin")
+        .is_none());
+}
+
+#[tokio::test]
+async fn a_same_origin_browser_request_with_an_origin_header_is_served() {
+    let app = spawn_app().await;
+    let response = app
+        .request(Method::GET, "/healthz")
+        .header("origin", app.address.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+}
