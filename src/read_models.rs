@@ -6,5 +6,8 @@ use projections::Projection;
 
 /// Every read model, in no particular order (each keeps its own checkpoint).
 pub fn all() -> Vec<Arc<dyn Projection>> {
-    Vec::new()
+    vec![
+        Arc::new(projections::orders::OrdersProjection),
+        Arc::new(projections::carts::CartsProjection),
+    ]
 }

@@ -16,8 +16,8 @@ use tracing_actix_web::TracingLogger;
 
 use crate::auth::tokens::AccessTokens;
 use crate::config::Settings;
-use crate::event_store::EventStore;
-use crate::http::{self, access, extract, middleware, problem, security};
+use crate::event_store::{CommandBus, EventStore};
+use crate::http::{self, access, extract, idempotency, middleware, problem, security};
 use crate::rate_limit::login_guard::LoginGuard;
 use crate::rate_limit::RateLimits;
 use crate::redis_cache::Redis;
@@ -57,6 +57,9 @@ impl Application {
             tokens: AccessTokens::new(&settings.jwt_secret, settings.access_token_ttl),
             settings: Arc::new(settings),
             pool: pool.clone(),
+            inventory: CommandBus::new(store.clone()),
+            orders: CommandBus::new(store.clone()),
+            carts: CommandBus::new(store.clone()),
             store: store.clone(),
             projections: projections.clone(),
         });
@@ -121,7 +124,8 @@ fn serve(listener: TcpListener, state: web::Data<AppState>) -> anyhow::Result<Se
             .app_data(web::PayloadConfig::default().limit(extract::DEFAULT_BODY_LIMIT))
             // Listed innermost first: access control runs after the request
             // id exists and inside the problem-body guarantee.
-            // Inside access control, so per-user limits see the user.
+            // Inside access control, so keys and per-user limits see the user.
+            .wrap(from_fn(idempotency::idempotency))
             .wrap(rate_limiter)
             .wrap(from_fn(access::enforce_access))
             .wrap(from_fn(problem::ensure_problem_body))

@@ -7,7 +7,11 @@ use sqlx::PgPool;
 
 use crate::auth::tokens::AccessTokens;
 use crate::config::Settings;
-use crate::event_store::EventStore;
+use domain::cart::Cart;
+use domain::inventory::InventoryItem;
+use domain::order::Order;
+
+use crate::event_store::{CommandBus, EventStore};
 use crate::rate_limit::login_guard::LoginGuard;
 use crate::rate_limit::RateLimits;
 use crate::redis_cache::Redis;
@@ -21,4 +25,8 @@ pub struct AppState {
     pub tokens: AccessTokens,
     pub rate_limits: RateLimits,
     pub login_guard: LoginGuard,
+    /// Stock of each variant; the flash-sale hot path.
+    pub inventory: CommandBus<InventoryItem>,
+    pub orders: CommandBus<Order>,
+    pub carts: CommandBus<Cart>,
 }

@@ -7,6 +7,8 @@
 //! double-applies an event. Depends on `domain` for event types and on sqlx;
 //! never on the HTTP layer.
 
+pub mod carts;
+pub mod orders;
 pub mod runner;
 pub mod set;
 pub mod stored_event;

@@ -3,6 +3,7 @@
 pub mod access;
 pub mod client_ip;
 pub mod extract;
+pub mod idempotency;
 pub mod middleware;
 pub mod openapi;
 pub mod ops;

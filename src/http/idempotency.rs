@@ -1,0 +1,357 @@
+//! Idempotency keys: the same key with the same request is executed once,
+//! and every retry gets the first response again.
+//!
+//! Keys are scoped to the signed-in user (anonymous requests are not
+//! deduplicated). A fingerprint of the request catches a key reused for a
+//! different request. The first request holds a lease while it runs; a retry
+//! meanwhile waits briefly for it and then answers 409; a retry after the
+//! lease expired (the first attempt died) runs again, which is safe because
+//! commands are idempotent by ids derived from the key. Server errors are
+//! not stored, so they can be retried.
+
+use std::time::Duration;
+
+use actix_web::body::{self, BoxBody, MessageBody};
+use actix_web::dev::{ServiceRequest, ServiceResponse};
+use actix_web::http::header::{self, HeaderName, HeaderValue};
+use actix_web::http::{Method, StatusCode};
+use actix_web::middleware::Next;
+use actix_web::web::{self, Bytes};
+use actix_web::{FromRequest, HttpMessage, HttpResponse};
+use sha2::{Digest, Sha256};
+use sqlx::PgPool;
+use uuid::Uuid;
+
+use super::problem::ApiError;
+use crate::auth::AuthUser;
+use crate::state::AppState;
+
+pub const IDEMPOTENCY_KEY_HEADER: HeaderName = HeaderName::from_static("idempotency-key");
+pub const REPLAYED_HEADER: HeaderName = HeaderName::from_static("idempotent-replayed");
+
+/// Routes that refuse to run without a key.
+const KEY_REQUIRED: [&str; 3] = [
+    "/api/v1/checkout/",
+    "/api/v1/checkout/create-payment-intent",
+    "/api/v1/checkout/confirm-payment",
+];
+const LEASE: Duration = Duration::from_secs(30);
+const WAIT_FOR_FIRST: Duration = Duration::from_millis(2_000);
+/// Keys are kept at least 24 hours (API.md); they are swept after this.
+pub const RETENTION: Duration = Duration::from_secs(48 * 3600);
+
+/// The validated key of the current request, for handlers that derive ids
+/// from it and record it in event metadata.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IdempotencyKey(pub String);
+
+impl FromRequest for IdempotencyKey {
+    type Error = ApiError;
+    type Future = std::future::Ready<Result<Self, ApiError>>;
+
+    fn from_request(
+        request: &actix_web::HttpRequest,
+        _: &mut actix_web::dev::Payload,
+    ) -> Self::Future {
+        std::future::ready(
+            request
+                .extensions()
+                .get::<IdempotencyKey>()
+                .cloned()
+                .ok_or_else(|| {
+                    ApiError::bad_field("Idempotency-Key", "this route requires the header")
+                }),
+        )
+    }
+}
+
+impl IdempotencyKey {
+    /// A stable id for something this request creates (an order), so that a
+    /// retry after a crash finds it instead of making a second one.
+    pub fn derive_id(&self, user_id: Uuid, purpose: &str) -> Uuid {
+        let name = format!("{purpose}:{user_id}:{}", self.0);
+        Uuid::new_v5(&Uuid::NAMESPACE_OID, name.as_bytes())
+    }
+}
+
+fn parse_key(value: &HeaderValue) -> Result<IdempotencyKey, ApiError> {
+    let text = value
+        .to_str()
+        .map_err(|_| ApiError::bad_field("Idempotency-Key", "must be printable ASCII"))?;
+    let valid = (1..=255).contains(&text.len()) && text.bytes().all(|b| (0x20..0x7f).contains(&b));
+    if valid {
+        Ok(IdempotencyKey(text.to_owned()))
+    } else {
+        Err(ApiError::bad_field(
+            "Idempotency-Key",
+            "must be 1 to 255 printable ASCII characters",
+        ))
+    }
+}
+
+enum Claim {
+    /// This request runs.
+    Run,
+    /// The first request finished; answer with its response.
+    Replay {
+        status: u16,
+        content_type: Option<String>,
+        body: Vec<u8>,
+    },
+    /// The key was used for a different request.
+    Reused,
+    /// The first request is still running.
+    InProgress,
+}
+
+pub async fn idempotency(
+    mut request: ServiceRequest,
+    next: Next<BoxBody>,
+) -> Result<ServiceResponse<BoxBody>, actix_web::Error> {
+    let pattern = request.match_pattern();
+    let required = pattern
+        .as_deref()
+        .is_some_and(|p| KEY_REQUIRED.contains(&p));
+    let header = request.headers().get(IDEMPOTENCY_KEY_HEADER).cloned();
+    let applies = request.method() == Method::POST && (required || header.is_some());
+    if !applies {
+        return next.call(request).await;
+    }
+    let Some(header) = header else {
+        return Err(
+            ApiError::bad_field("Idempotency-Key", "this route requires the header").into(),
+        );
+    };
+    let key = parse_key(&header)?;
+    let Some(user) = request.extensions().get::<AuthUser>().copied() else {
+        // Anonymous requests have no scope to deduplicate in.
+        return next.call(request).await;
+    };
+    let pool = match request.app_data::<web::Data<AppState>>() {
+        Some(state) => state.pool.clone(),
+        None => {
+            return Err(ApiError::internal(anyhow::anyhow!("application state missing")).into())
+        }
+    };
+
+    let body = request.extract::<Bytes>().await?;
+    let fingerprint = fingerprint(&request, &body);
+    request.set_payload(actix_web::dev::Payload::from(body));
+    request.extensions_mut().insert(key.clone());
+
+    let deadline = tokio::time::Instant::now() + WAIT_FOR_FIRST;
+    loop {
+        match claim(&pool, user.id, &key.0, &fingerprint)
+            .await
+            .map_err(ApiError::from)?
+        {
+            Claim::Run => break,
+            Claim::Replay {
+                status,
+                content_type,
+                body,
+            } => {
+                let response = replay(status, content_type, body);
+                return Ok(request.into_response(response));
+            }
+            Claim::Reused => return Err(ApiError::IdempotencyKeyReused.into()),
+            Claim::InProgress if tokio::time::Instant::now() >= deadline => {
+                return Err(ApiError::IdempotencyInProgress.into());
+            }
+            Claim::InProgress => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+
+    let response = next.call(request).await;
+    let response = match response {
+        Ok(response) => response,
+        Err(error) => {
+            release(&pool, user.id, &key.0).await;
+            return Err(error);
+        }
+    };
+    let status = response.status();
+    if status.is_server_error() {
+        release(&pool, user.id, &key.0).await;
+        return Ok(response);
+    }
+    let (request, response) = response.into_parts();
+    let content_type = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let (response, body) = response.into_parts();
+    let bytes = body::to_bytes(body).await.map_err(|_| {
+        ApiError::internal(anyhow::anyhow!(
+            "response body could not be read for storing"
+        ))
+    })?;
+    store(
+        &pool,
+        user.id,
+        &key.0,
+        status,
+        content_type.as_deref(),
+        &bytes,
+    )
+    .await
+    .map_err(ApiError::from)?;
+    Ok(ServiceResponse::new(
+        request,
+        response.set_body(bytes.boxed()),
+    ))
+}
+
+fn fingerprint(request: &ServiceRequest, body: &[u8]) -> Vec<u8> {
+    let mut hasher = Sha256::new();
+    hasher.update(request.method().as_str().as_bytes());
+    hasher.update([0]);
+    hasher.update(request.path().as_bytes());
+    hasher.update([0]);
+    hasher.update(request.query_string().as_bytes());
+    hasher.update([0]);
+    hasher.update(body);
+    hasher.finalize().to_vec()
+}
+
+fn replay(status: u16, content_type: Option<String>, body: Vec<u8>) -> HttpResponse {
+    let status = StatusCode::from_u16(status).unwrap_or(StatusCode::OK);
+    let mut response = HttpResponse::build(status);
+    if let Some(content_type) = content_type {
+        response.insert_header((header::CONTENT_TYPE, content_type));
+    }
+    response.insert_header((REPLAYED_HEADER, HeaderValue::from_static("true")));
+    response.body(body)
+}
+
+#[derive(sqlx::FromRow)]
+struct StoredKey {
+    fingerprint: Vec<u8>,
+    status: Option<i16>,
+    content_type: Option<String>,
+    body: Option<Vec<u8>>,
+    lease_alive: bool,
+}
+
+async fn claim(
+    pool: &PgPool,
+    user_id: Uuid,
+    key: &str,
+    fingerprint: &[u8],
+) -> Result<Claim, sqlx::Error> {
+    let lease_secs = LEASE.as_secs_f64();
+    let inserted = sqlx::query(
+        "INSERT INTO idempotency_keys (user_id, key, fingerprint, leased_until) \
+         VALUES ($1, $2, $3, now() + make_interval(secs => $4)) ON CONFLICT DO NOTHING",
+    )
+    .bind(user_id)
+    .bind(key)
+    .bind(fingerprint)
+    .bind(lease_secs)
+    .execute(pool)
+    .await?
+    .rows_affected();
+    if inserted == 1 {
+        return Ok(Claim::Run);
+    }
+    let row: Option<StoredKey> = sqlx::query_as(
+        "SELECT fingerprint, response_status AS status, response_type AS content_type, \
+                response_body AS body, \
+                leased_until IS NOT NULL AND leased_until > now() AS lease_alive \
+         FROM idempotency_keys WHERE user_id = $1 AND key = $2",
+    )
+    .bind(user_id)
+    .bind(key)
+    .fetch_optional(pool)
+    .await?;
+    let Some(StoredKey {
+        fingerprint: stored_fingerprint,
+        status,
+        content_type,
+        body,
+        lease_alive,
+    }) = row
+    else {
+        // Released (a server error) between our insert and our read: try again.
+        return Ok(Claim::InProgress);
+    };
+    if stored_fingerprint != fingerprint {
+        return Ok(Claim::Reused);
+    }
+    if let (Some(status), Some(body)) = (status, body) {
+        return Ok(Claim::Replay {
+            status: status as u16,
+            content_type,
+            body,
+        });
+    }
+    if lease_alive {
+        return Ok(Claim::InProgress);
+    }
+    // The first attempt died holding the lease: take it over, once.
+    let taken = sqlx::query(
+        "UPDATE idempotency_keys SET leased_until = now() + make_interval(secs => $3) \
+         WHERE user_id = $1 AND key = $2 AND response_status IS NULL \
+           AND (leased_until IS NULL OR leased_until <= now())",
+    )
+    .bind(user_id)
+    .bind(key)
+    .bind(lease_secs)
+    .execute(pool)
+    .await?
+    .rows_affected();
+    Ok(if taken == 1 {
+        Claim::Run
+    } else {
+        Claim::InProgress
+    })
+}
+
+async fn store(
+    pool: &PgPool,
+    user_id: Uuid,
+    key: &str,
+    status: StatusCode,
+    content_type: Option<&str>,
+    body: &[u8],
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "UPDATE idempotency_keys SET response_status = $3, response_type = $4, response_body = $5, \
+                leased_until = NULL WHERE user_id = $1 AND key = $2",
+    )
+    .bind(user_id)
+    .bind(key)
+    .bind(status.as_u16() as i16)
+    .bind(content_type)
+    .bind(body)
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+/// Forgets a key whose request failed on our side, so the client can retry.
+async fn release(pool: &PgPool, user_id: Uuid, key: &str) {
+    let result = sqlx::query(
+        "DELETE FROM idempotency_keys WHERE user_id = $1 AND key = $2 AND response_status IS NULL",
+    )
+    .bind(user_id)
+    .bind(key)
+    .execute(pool)
+    .await;
+    if let Err(error) = result {
+        tracing::warn!(%error, "could not release an idempotency key");
+    }
+}
+
+/// Deletes keys past their retention; run by the scheduler.
+pub async fn sweep_expired(pool: &PgPool) -> Result<u64, sqlx::Error> {
+    let deleted = sqlx::query(
+        "DELETE FROM idempotency_keys WHERE created_at < now() - make_interval(secs => $1)",
+    )
+    .bind(RETENTION.as_secs_f64())
+    .execute(pool)
+    .await?
+    .rows_affected();
+    Ok(deleted)
+}
