@@ -13,6 +13,8 @@ pub mod http;
 pub mod rate_limit;
 pub mod read_models;
 pub mod redis_cache;
+pub mod scheduler;
+pub mod shop;
 pub mod startup;
 pub mod state;
 pub mod telemetry;

@@ -73,6 +73,10 @@ impl Application {
             shutdown_rx,
         )));
 
+        background.push(tokio::spawn(crate::scheduler::run(
+            state.clone(),
+            shutdown.subscribe(),
+        )));
         let server = serve(listener, state.clone())?;
         Ok(Self {
             port,

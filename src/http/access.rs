@@ -60,6 +60,26 @@ pub const ROUTES: &[RouteSpec] = &[
     route("POST", "/api/v1/auth/refresh-token", Access::OwnCredential),
     route("POST", "/api/v1/auth/change-password", Access::Private),
     route("GET", "/api/v1/auth/me", Access::Private),
+    route("POST", "/api/v1/cart/add-cart", Access::Private),
+    route("GET", "/api/v1/cart/get-cart", Access::Private),
+    route(
+        "PUT",
+        "/api/v1/cart/update-item/{variant_id}",
+        Access::Private,
+    ),
+    route(
+        "DELETE",
+        "/api/v1/cart/remove-item/{variant_id}",
+        Access::Private,
+    ),
+    route("DELETE", "/api/v1/cart/clear", Access::Private),
+    route("POST", "/api/v1/checkout/", Access::Private),
+    route("GET", "/api/v1/orders/my-orders", Access::Private),
+    route(
+        "GET",
+        "/api/v1/orders/my-orders/{order_id}",
+        Access::Private,
+    ),
 ];
 
 fn access_for(method: &Method, pattern: &str) -> Option<Access> {

@@ -7,6 +7,7 @@ pub mod idempotency;
 pub mod middleware;
 pub mod openapi;
 pub mod ops;
+pub mod paging;
 pub mod problem;
 pub mod security;
 
@@ -19,7 +20,8 @@ pub fn configure(config: &mut web::ServiceConfig) {
         .service(ops::readyz)
         .service(ops::prometheus_metrics)
         .configure(openapi::configure)
-        .configure(crate::auth::routes::configure);
+        .configure(crate::auth::routes::configure)
+        .configure(crate::shop::configure);
 }
 
 /// Requests no route took: 405 when the path is known (route macros guard

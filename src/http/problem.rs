@@ -302,3 +302,21 @@ impl From<sqlx::Error> for ApiError {
         Self::internal(error)
     }
 }
+
+impl ApiError {
+    /// A failed command as a problem: the aggregate's refusal through
+    /// `rejected`, contention as 503 (retryable), store failures as 500.
+    pub fn from_command<E>(
+        error: crate::event_store::CommandError<E>,
+        rejected: impl FnOnce(E) -> ApiError,
+    ) -> Self {
+        use crate::event_store::CommandError;
+        match error {
+            CommandError::Rejected(reason) => rejected(reason),
+            CommandError::Contention => {
+                Self::Unavailable("the item is in very high demand; try again".into())
+            }
+            CommandError::Store(cause) => Self::internal(anyhow::anyhow!(cause)),
+        }
+    }
+}

@@ -1,0 +1,270 @@
+//! The customer's cart: written as `Cart` commands, read from the carts read
+//! model joined with current prices and availability from the catalog.
+
+use std::time::Duration;
+
+use actix_web::{delete, get, post, put, web, HttpRequest, HttpResponse};
+use chrono::{DateTime, Utc};
+use domain::cart::{CartCommand, CartError};
+use domain::values::Quantity;
+use serde::{Deserialize, Serialize};
+use sqlx::PgPool;
+use utoipa::ToSchema;
+use uuid::Uuid;
+
+use crate::auth::AuthUser;
+use crate::event_store::{Executed, Metadata};
+use crate::http::extract::Json;
+use crate::http::middleware::request_id_of;
+use crate::http::problem::ApiError;
+use crate::state::AppState;
+
+pub const READ_YOUR_WRITES_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[derive(Debug, Deserialize, ToSchema)]
+pub struct AddToCart {
+    pub variant_id: Uuid,
+    /// 1 to 10,000.
+    pub quantity: i64,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+pub struct SetQuantity {
+    /// 0 removes the line; at most 10,000.
+    pub quantity: i64,
+}
+
+#[derive(Debug, Clone, Serialize, ToSchema, sqlx::FromRow)]
+pub struct CartItem {
+    pub variant_id: Uuid,
+    pub sku: String,
+    pub product_id: Uuid,
+    pub product_name: String,
+    pub product_slug: String,
+    pub unit_price_cents: i64,
+    pub currency: String,
+    pub quantity: i64,
+    pub line_total_cents: i64,
+    /// Units that could be bought right now.
+    pub available: i64,
+}
+
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct CartView {
+    /// The cart's id (one cart per user: the user's id).
+    pub id: Uuid,
+    pub items: Vec<CartItem>,
+    /// Units in the cart.
+    pub item_count: i64,
+    pub subtotal_cents: i64,
+    /// The lines' currency; null while the cart is empty.
+    pub currency: Option<String>,
+    pub updated_at: Option<DateTime<Utc>>,
+}
+
+/// The cart's lines with current catalog data. Lines whose variant left the
+/// public catalog show no availability.
+pub async fn cart_lines(pool: &PgPool, user_id: Uuid) -> Result<Vec<CartItem>, sqlx::Error> {
+    sqlx::query_as::<_, CartItem>(
+        "SELECT cl.variant_id, v.sku, v.product_id, p.name AS product_name, p.slug AS product_slug, \
+                v.price_cents AS unit_price_cents, v.currency, cl.quantity::bigint AS quantity, \
+                v.price_cents * cl.quantity AS line_total_cents, \
+                CASE WHEN p.status = 'active' AND NOT p.deleted \
+                     THEN greatest(coalesce(s.on_hand - s.reserved, 0), 0)::bigint ELSE 0 END AS available \
+         FROM cart_lines cl \
+         JOIN catalog_variants v ON v.id = cl.variant_id \
+         JOIN catalog_products p ON p.id = v.product_id \
+         LEFT JOIN stock_levels s ON s.variant_id = cl.variant_id \
+         WHERE cl.user_id = $1 ORDER BY cl.variant_id",
+    )
+    .bind(user_id)
+    .fetch_all(pool)
+    .await
+}
+
+pub async fn cart_view(pool: &PgPool, user_id: Uuid) -> Result<CartView, ApiError> {
+    let items = cart_lines(pool, user_id).await?;
+    let updated_at: Option<DateTime<Utc>> =
+        sqlx::query_scalar("SELECT updated_at FROM carts WHERE user_id = $1")
+            .bind(user_id)
+            .fetch_optional(pool)
+            .await?;
+    Ok(CartView {
+        id: user_id,
+        item_count: items.iter().map(|item| item.quantity).sum(),
+        subtotal_cents: items.iter().map(|item| item.line_total_cents).sum(),
+        currency: items.first().map(|item| item.currency.clone()),
+        items,
+        updated_at,
+    })
+}
+
+/// Whether a variant can be put in a cart: it exists and its product is public.
+async fn ensure_sellable(pool: &PgPool, variant_id: Uuid) -> Result<(), ApiError> {
+    let sellable: bool = sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM catalog_variants v JOIN catalog_products p ON p.id = v.product_id \
+                        WHERE v.id = $1 AND p.status = 'active' AND NOT p.deleted)",
+    )
+    .bind(variant_id)
+    .fetch_one(pool)
+    .await?;
+    if sellable {
+        Ok(())
+    } else {
+        Err(ApiError::not_found("variant"))
+    }
+}
+
+fn cart_rejection(error: CartError) -> ApiError {
+    match error {
+        CartError::Empty => ApiError::invalid_field("cart", "the cart is empty"),
+        CartError::QuantityTooLarge { max, .. } => {
+            ApiError::invalid_field("quantity", format!("a line holds at most {max} units"))
+        }
+    }
+}
+
+/// Runs a cart command and answers with the cart as it is after it.
+async fn execute_and_show(
+    state: &AppState,
+    request: &HttpRequest,
+    user: AuthUser,
+    command: CartCommand,
+) -> Result<HttpResponse, ApiError> {
+    let metadata = Metadata::user(user.id, request_id_of(request));
+    let executed: Executed<domain::cart::Cart> = state
+        .carts
+        .execute(&user.id.to_string(), command, metadata)
+        .await
+        .map_err(|error| ApiError::from_command(error, cart_rejection))?;
+    if let Some(position) = executed.position {
+        state
+            .projections
+            .wait_for(projections::carts::NAME, position, READ_YOUR_WRITES_TIMEOUT)
+            .await
+            .map_err(ApiError::internal)?;
+    }
+    Ok(HttpResponse::Ok().json(cart_view(&state.pool, user.id).await?))
+}
+
+/// A line quantity where 0 means "remove the line".
+fn quantity_or_zero(value: i64) -> Result<u32, ApiError> {
+    if value == 0 {
+        return Ok(0);
+    }
+    Quantity::try_from(value)
+        .map(|quantity| quantity.get())
+        .map_err(|_| ApiError::invalid_field("quantity", "must be a whole number from 0 to 10000"))
+}
+
+/// Adds units of a variant (to the line already there, if any).
+#[utoipa::path(tag = "cart", request_body = AddToCart, security(("bearer" = []), ("cookie" = [])), responses(
+    (status = 200, body = CartView),
+    (status = 400, body = crate::http::problem::Problem), (status = 401, body = crate::http::problem::Problem),
+    (status = 404, body = crate::http::problem::Problem, description = "unknown variant"),
+    (status = 422, body = crate::http::problem::Problem),
+))]
+#[post("/api/v1/cart/add-cart")]
+pub async fn add_to_cart(
+    state: web::Data<AppState>,
+    request: HttpRequest,
+    user: AuthUser,
+    body: Json<AddToCart>,
+) -> Result<HttpResponse, ApiError> {
+    let quantity = Quantity::try_from(body.0.quantity).map_err(|_| {
+        ApiError::invalid_field("quantity", "must be a whole number from 1 to 10000")
+    })?;
+    ensure_sellable(&state.pool, body.0.variant_id).await?;
+    execute_and_show(
+        &state,
+        &request,
+        user,
+        CartCommand::AddItem {
+            variant_id: body.0.variant_id,
+            quantity,
+        },
+    )
+    .await
+}
+
+/// The caller's cart with current prices and availability.
+#[utoipa::path(tag = "cart", security(("bearer" = []), ("cookie" = [])), responses(
+    (status = 200, body = CartView), (status = 401, body = crate::http::problem::Problem),
+))]
+#[get("/api/v1/cart/get-cart")]
+pub async fn get_cart(
+    state: web::Data<AppState>,
+    user: AuthUser,
+) -> Result<HttpResponse, ApiError> {
+    Ok(HttpResponse::Ok().json(cart_view(&state.pool, user.id).await?))
+}
+
+/// Sets a line's quantity; 0 removes it.
+#[utoipa::path(tag = "cart", request_body = SetQuantity, params(("variant_id" = Uuid, Path)),
+    security(("bearer" = []), ("cookie" = [])), responses(
+    (status = 200, body = CartView),
+    (status = 400, body = crate::http::problem::Problem), (status = 401, body = crate::http::problem::Problem),
+    (status = 404, body = crate::http::problem::Problem), (status = 422, body = crate::http::problem::Problem),
+))]
+#[put("/api/v1/cart/update-item/{variant_id}")]
+pub async fn update_cart_item(
+    state: web::Data<AppState>,
+    request: HttpRequest,
+    user: AuthUser,
+    variant_id: web::Path<Uuid>,
+    body: Json<SetQuantity>,
+) -> Result<HttpResponse, ApiError> {
+    let variant_id = variant_id.into_inner();
+    let quantity = quantity_or_zero(body.0.quantity)?;
+    if quantity > 0 {
+        ensure_sellable(&state.pool, variant_id).await?;
+    }
+    execute_and_show(
+        &state,
+        &request,
+        user,
+        CartCommand::SetQuantity {
+            variant_id,
+            quantity,
+        },
+    )
+    .await
+}
+
+/// Removes a line (nothing happens if it is not there).
+#[utoipa::path(tag = "cart", params(("variant_id" = Uuid, Path)), security(("bearer" = []), ("cookie" = [])),
+    responses((status = 200, body = CartView), (status = 400, body = crate::http::problem::Problem),
+    (status = 401, body = crate::http::problem::Problem)))]
+#[delete("/api/v1/cart/remove-item/{variant_id}")]
+pub async fn remove_cart_item(
+    state: web::Data<AppState>,
+    request: HttpRequest,
+    user: AuthUser,
+    variant_id: web::Path<Uuid>,
+) -> Result<HttpResponse, ApiError> {
+    let command = CartCommand::RemoveItem {
+        variant_id: variant_id.into_inner(),
+    };
+    execute_and_show(&state, &request, user, command).await
+}
+
+/// Empties the cart.
+#[utoipa::path(tag = "cart", security(("bearer" = []), ("cookie" = [])),
+    responses((status = 200, body = CartView), (status = 401, body = crate::http::problem::Problem)))]
+#[delete("/api/v1/cart/clear")]
+pub async fn clear_cart(
+    state: web::Data<AppState>,
+    request: HttpRequest,
+    user: AuthUser,
+) -> Result<HttpResponse, ApiError> {
+    execute_and_show(&state, &request, user, CartCommand::Clear).await
+}
+
+pub fn configure(config: &mut web::ServiceConfig) {
+    config
+        .service(add_to_cart)
+        .service(get_cart)
+        .service(update_cart_item)
+        .service(remove_cart_item)
+        .service(clear_cart);
+}

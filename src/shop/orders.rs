@@ -1,0 +1,199 @@
+//! The customer's orders, read from the orders read model.
+
+use std::collections::HashMap;
+
+use actix_web::{get, web, HttpResponse};
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use sqlx::PgPool;
+use utoipa::ToSchema;
+use uuid::Uuid;
+
+use crate::auth::AuthUser;
+use crate::http::extract::Query;
+use crate::http::paging::{PageMeta, PageQuery, Paging};
+use crate::http::problem::ApiError;
+use crate::state::AppState;
+
+#[derive(Debug, Clone, Serialize, ToSchema, sqlx::FromRow)]
+pub struct OrderItem {
+    pub variant_id: Uuid,
+    pub sku: String,
+    pub product_name: String,
+    pub unit_price_cents: i64,
+    pub quantity: i64,
+    pub line_total_cents: i64,
+}
+
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct OrderView {
+    pub id: Uuid,
+    /// created, payment_pending, paid, cancelled or refunded.
+    pub status: String,
+    /// Why a cancelled order was cancelled: expired, payment_failed, customer...
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cancel_reason: Option<String>,
+    pub items: Vec<OrderItem>,
+    pub total_cents: i64,
+    pub currency: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub payment_intent_id: Option<String>,
+    pub expires_at: DateTime<Utc>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    #[serde(skip)]
+    pub user_id: Uuid,
+}
+
+#[derive(sqlx::FromRow)]
+struct OrderRow {
+    id: Uuid,
+    user_id: Uuid,
+    status: String,
+    cancel_reason: Option<String>,
+    total_cents: i64,
+    currency: String,
+    payment_intent_id: Option<String>,
+    expires_at: DateTime<Utc>,
+    created_at: DateTime<Utc>,
+    updated_at: DateTime<Utc>,
+}
+
+const ORDER_COLUMNS: &str = "id, user_id, status, cancel_reason, total_cents, currency, \
+     payment_intent_id, expires_at, created_at, updated_at";
+
+impl OrderRow {
+    fn with_items(self, items: Vec<OrderItem>) -> OrderView {
+        OrderView {
+            id: self.id,
+            status: self.status,
+            cancel_reason: self.cancel_reason,
+            items,
+            total_cents: self.total_cents,
+            currency: self.currency,
+            payment_intent_id: self.payment_intent_id,
+            expires_at: self.expires_at,
+            created_at: self.created_at,
+            updated_at: self.updated_at,
+            user_id: self.user_id,
+        }
+    }
+}
+
+async fn items_of(
+    pool: &PgPool,
+    order_ids: &[Uuid],
+) -> Result<Vec<(Uuid, OrderItem)>, sqlx::Error> {
+    #[derive(sqlx::FromRow)]
+    struct Line {
+        order_id: Uuid,
+        #[sqlx(flatten)]
+        item: OrderItem,
+    }
+    let lines: Vec<Line> = sqlx::query_as(
+        "SELECT order_id, variant_id, sku, product_name, unit_price_cents, quantity::bigint AS quantity, \
+                line_total_cents \
+         FROM order_lines WHERE order_id = ANY($1) ORDER BY order_id, variant_id",
+    )
+    .bind(order_ids)
+    .fetch_all(pool)
+    .await?;
+    Ok(lines
+        .into_iter()
+        .map(|line| (line.order_id, line.item))
+        .collect())
+}
+
+/// One order as the read model has it, whoever owns it.
+pub async fn order_view(pool: &PgPool, order_id: Uuid) -> Result<Option<OrderView>, sqlx::Error> {
+    let row: Option<OrderRow> =
+        sqlx::query_as(&format!("SELECT {ORDER_COLUMNS} FROM orders WHERE id = $1"))
+            .bind(order_id)
+            .fetch_optional(pool)
+            .await?;
+    let Some(row) = row else { return Ok(None) };
+    let items = items_of(pool, &[order_id])
+        .await?
+        .into_iter()
+        .map(|(_, item)| item)
+        .collect();
+    Ok(Some(row.with_items(items)))
+}
+
+/// The caller's order; another user's order does not exist for them.
+pub async fn own_order(
+    pool: &PgPool,
+    user: AuthUser,
+    order_id: Uuid,
+) -> Result<OrderView, ApiError> {
+    match order_view(pool, order_id).await? {
+        Some(order) if order.user_id == user.id => Ok(order),
+        _ => Err(ApiError::not_found("order")),
+    }
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct OrderListing {
+    pub items: Vec<OrderView>,
+    pub page: PageMeta,
+}
+
+/// The caller's orders, newest first.
+#[utoipa::path(tag = "orders", params(PageQuery), security(("bearer" = []), ("cookie" = [])), responses(
+    (status = 200, body = OrderListing),
+    (status = 400, body = crate::http::problem::Problem), (status = 401, body = crate::http::problem::Problem),
+))]
+#[get("/api/v1/orders/my-orders")]
+pub async fn my_orders(
+    state: web::Data<AppState>,
+    user: AuthUser,
+    query: Query<PageQuery>,
+) -> Result<HttpResponse, ApiError> {
+    let paging = Paging::try_from(query.0)?;
+    let total: i64 = sqlx::query_scalar("SELECT count(*) FROM orders WHERE user_id = $1")
+        .bind(user.id)
+        .fetch_one(&state.pool)
+        .await?;
+    let rows: Vec<OrderRow> = sqlx::query_as(&format!(
+        "SELECT {ORDER_COLUMNS} FROM orders WHERE user_id = $1 \
+         ORDER BY created_at DESC, id DESC LIMIT $2 OFFSET $3"
+    ))
+    .bind(user.id)
+    .bind(paging.limit())
+    .bind(paging.offset())
+    .fetch_all(&state.pool)
+    .await?;
+    let ids: Vec<Uuid> = rows.iter().map(|row| row.id).collect();
+    let mut lines_by_order: HashMap<Uuid, Vec<OrderItem>> = HashMap::new();
+    for (order_id, item) in items_of(&state.pool, &ids).await? {
+        lines_by_order.entry(order_id).or_default().push(item);
+    }
+    let items = rows
+        .into_iter()
+        .map(|row| {
+            let lines = lines_by_order.remove(&row.id).unwrap_or_default();
+            row.with_items(lines)
+        })
+        .collect();
+    Ok(HttpResponse::Ok().json(OrderListing {
+        items,
+        page: paging.meta(total.max(0) as u64),
+    }))
+}
+
+/// One of the caller's orders.
+#[utoipa::path(tag = "orders", params(("order_id" = Uuid, Path)), security(("bearer" = []), ("cookie" = [])),
+    responses((status = 200, body = OrderView), (status = 400, body = crate::http::problem::Problem),
+    (status = 401, body = crate::http::problem::Problem), (status = 404, body = crate::http::problem::Problem)))]
+#[get("/api/v1/orders/my-orders/{order_id}")]
+pub async fn my_order(
+    state: web::Data<AppState>,
+    user: AuthUser,
+    order_id: web::Path<Uuid>,
+) -> Result<HttpResponse, ApiError> {
+    Ok(HttpResponse::Ok().json(own_order(&state.pool, user, order_id.into_inner()).await?))
+}
+
+pub fn configure(config: &mut web::ServiceConfig) {
+    config.service(my_orders).service(my_order);
+}
