@@ -2,7 +2,10 @@
 
 use clap::{Parser, Subcommand};
 
+use crate::auth::accounts::{self, Account, NewAccount};
+use crate::auth::Role;
 use crate::config::Settings;
+use crate::http::problem::ApiError;
 use crate::startup::Application;
 
 #[derive(Debug, Parser)]
@@ -55,8 +58,37 @@ pub async fn run(cli: Cli, settings: Settings) -> anyhow::Result<()> {
             crate::db::create_database_if_missing(&settings).await?;
             let pool = crate::db::connect(&settings).await?;
             crate::db::migrate(&pool).await?;
-            let _ = (email, password, name);
-            anyhow::bail!("create-admin is not available yet")
+            let admin = create_admin(&pool, settings.bcrypt_cost, &email, password, name).await?;
+            tracing::info!(user_id = %admin.id, email = %admin.email, "admin created");
+            println!("created admin {} ({})", admin.email, admin.id);
+            Ok(())
         }
     }
+}
+
+/// Creates an admin account under the same rules as registration.
+pub async fn create_admin(
+    pool: &sqlx::PgPool,
+    bcrypt_cost: u32,
+    email: &str,
+    password: String,
+    name: Option<String>,
+) -> anyhow::Result<Account> {
+    let new_account = NewAccount::parse(email, password, name).map_err(|errors| {
+        let reasons: Vec<String> = errors
+            .iter()
+            .map(|error| format!("--{} {}", error.field, error.message))
+            .collect();
+        anyhow::anyhow!("cannot create the admin: {}", reasons.join("; "))
+    })?;
+    accounts::create_user(pool, new_account, Role::Admin, bcrypt_cost)
+        .await
+        .map_err(|error| match error {
+            ApiError::Conflict(_) => {
+                anyhow::anyhow!(
+                    "cannot create the admin: an account with the email {email:?} already exists"
+                )
+            }
+            other => anyhow::Error::new(other).context("cannot create the admin"),
+        })
 }

@@ -45,6 +45,9 @@ impl Application {
         let listener = TcpListener::bind(settings.bind_addr)
             .map_err(|e| anyhow::anyhow!("cannot bind BIND_ADDR {}: {e}", settings.bind_addr))?;
         let port = listener.local_addr()?.port();
+        // Computed before serving so that the first login with an unknown
+        // email takes as long as any other.
+        crate::auth::password::prepare_dummy_hash(settings.bcrypt_cost).await?;
         let store = EventStore::new(pool.clone());
         let projections = ProjectionSet::new(pool.clone(), crate::read_models::all());
         let redis = Redis::connect_lazily(&settings)?;

@@ -1,6 +1,9 @@
 //! Identity and access: accounts, passwords, sessions and tokens.
 
+pub mod accounts;
+pub mod password;
 pub mod routes;
+pub mod sessions;
 pub mod tokens;
 
 use actix_web::dev::Payload;

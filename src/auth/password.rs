@@ -56,7 +56,8 @@ pub async fn verify(
             Some(hash) => (hash.as_str(), true),
             None => (dummy_hash(cost)?, false),
         };
-        let matches = bcrypt::verify(candidate, hash).context("a stored password hash is invalid")?;
+        let matches =
+            bcrypt::verify(candidate, hash).context("a stored password hash is invalid")?;
         // bcrypt::verify would accept any extension of a 72-byte password.
         Ok(matches && account_exists && candidate.len() <= MAX_PASSWORD_BYTES)
     })
@@ -83,7 +84,8 @@ fn dummy_hash(cost: u32) -> anyhow::Result<&'static str> {
     if let Some(hash) = slot.get() {
         return Ok(hash);
     }
-    let hash = bcrypt::hash("a password no account has", cost).context("could not make the dummy hash")?;
+    let hash =
+        bcrypt::hash("a password no account has", cost).context("could not make the dummy hash")?;
     Ok(slot.get_or_init(|| hash))
 }
 
@@ -120,7 +122,9 @@ mod tests {
         assert!(verify("correct horse".into(), Some(stored.clone()), 4)
             .await
             .unwrap());
-        assert!(!verify("wrong horse!".into(), Some(stored), 4).await.unwrap());
+        assert!(!verify("wrong horse!".into(), Some(stored), 4)
+            .await
+            .unwrap());
     }
 
     #[tokio::test]
