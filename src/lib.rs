@@ -4,12 +4,14 @@
 //! `main.rs` only parses the command line; everything else lives here so
 //! that tests can build and drive the real application.
 
+pub mod audit;
 pub mod auth;
 pub mod cli;
 pub mod config;
 pub mod db;
 pub mod event_store;
 pub mod http;
+pub mod payments;
 pub mod rate_limit;
 pub mod read_models;
 pub mod redis_cache;
