@@ -47,6 +47,7 @@ const fn route(method: &'static str, path: &'static str, access: Access) -> Rout
 }
 
 /// Every route, with the access it needs. Paths are actix match patterns.
+#[rustfmt::skip]
 pub const ROUTES: &[RouteSpec] = &[
     route("GET", "/healthz", Access::Public),
     route("GET", "/readyz", Access::Public),
@@ -62,24 +63,15 @@ pub const ROUTES: &[RouteSpec] = &[
     route("GET", "/api/v1/auth/me", Access::Private),
     route("POST", "/api/v1/cart/add-cart", Access::Private),
     route("GET", "/api/v1/cart/get-cart", Access::Private),
-    route(
-        "PUT",
-        "/api/v1/cart/update-item/{variant_id}",
-        Access::Private,
-    ),
-    route(
-        "DELETE",
-        "/api/v1/cart/remove-item/{variant_id}",
-        Access::Private,
-    ),
+    route("PUT", "/api/v1/cart/update-item/{variant_id}", Access::Private),
+    route("DELETE", "/api/v1/cart/remove-item/{variant_id}", Access::Private),
     route("DELETE", "/api/v1/cart/clear", Access::Private),
     route("POST", "/api/v1/checkout/", Access::Private),
     route("GET", "/api/v1/orders/my-orders", Access::Private),
-    route(
-        "GET",
-        "/api/v1/orders/my-orders/{order_id}",
-        Access::Private,
-    ),
+    route("GET", "/api/v1/orders/my-orders/{order_id}", Access::Private),
+    route("GET", "/api/v1/audit/events", Access::Admin),
+    route("GET", "/api/v1/audit/inventory/{variant_id}", Access::Admin),
+    route("GET", "/api/v1/audit/orders/{order_id}", Access::Admin),
 ];
 
 fn access_for(method: &Method, pattern: &str) -> Option<Access> {

@@ -21,7 +21,8 @@ pub fn configure(config: &mut web::ServiceConfig) {
         .service(ops::prometheus_metrics)
         .configure(openapi::configure)
         .configure(crate::auth::routes::configure)
-        .configure(crate::shop::configure);
+        .configure(crate::shop::configure)
+        .configure(crate::audit::configure);
 }
 
 /// Requests no route took: 405 when the path is known (route macros guard

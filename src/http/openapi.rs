@@ -5,6 +5,12 @@ use actix_web::{web, HttpResponse};
 use utoipa::OpenApi;
 use utoipa_swagger_ui::SwaggerUi;
 
+use crate::auth::accounts::Account;
+use crate::auth::routes::{
+    self as auth, AuthResponse, ChangePasswordRequest, LoginRequest, RefreshTokenRequest,
+    RegisterRequest,
+};
+use crate::auth::Role;
 use crate::http::ops;
 use crate::http::problem::{FieldError, Problem, ShortLine};
 
@@ -14,8 +20,14 @@ use crate::http::problem::{FieldError, Problem, ShortLine};
         Every error is an RFC 9457 problem (`application/problem+json`) with a stable `code`."),
     paths(
         ops::healthz, ops::readyz, ops::prometheus_metrics,
+        auth::register, auth::login, auth::refresh, auth::logout,
+        auth::change_password, auth::me,
     ),
-    components(schemas(Problem, FieldError, ShortLine)),
+    components(schemas(
+        Problem, FieldError, ShortLine,
+        Account, Role, AuthResponse, RegisterRequest, LoginRequest, RefreshTokenRequest,
+        ChangePasswordRequest,
+    )),
     modifiers(&BearerSecurity),
     tags(
         (name = "ops", description = "Health, readiness and metrics"),

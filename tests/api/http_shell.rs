@@ -173,3 +173,11 @@ async fn a_same_origin_browser_request_with_an_origin_header_is_served() {
         .unwrap();
     assert_eq!(response.status(), 200);
 }
+
+#[tokio::test]
+async fn a_body_over_the_limit_is_a_413_problem() {
+    let app = spawn_app().await;
+    let huge = serde_json::json!({ "email": "a@b.example", "password": "x".repeat(300 * 1024) });
+    let response = app.post_json("/api/v1/auth/register", &huge).await;
+    problem(response, 413, "payload_too_large").await;
+}

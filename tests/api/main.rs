@@ -2,6 +2,12 @@
 //! Redis. Every test gets a database of its own and a Redis key prefix of
 //! its own, so tests run in parallel.
 
+mod access;
+mod audit;
+mod auth;
 mod event_store;
+mod fake_stripe;
 mod helpers;
 mod http_shell;
+mod payments;
+mod users;
