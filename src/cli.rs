@@ -1,4 +1,4 @@
-//! The `commerce` command line: serve, migrate, create-admin.
+//! The `commerce` command line: serve, migrate, create-admin, seed-demo.
 
 use clap::{Parser, Subcommand};
 
@@ -34,6 +34,13 @@ pub enum Command {
         #[arg(long)]
         name: Option<String>,
     },
+    /// Fill the catalog with demo categories, products, variants and stock
+    /// (safe to run again: it only adds what is missing).
+    SeedDemo {
+        /// How many products (default 30); 100000 makes a benchmark catalog.
+        #[arg(long, default_value_t = crate::catalog::seed::DEMO_PRODUCTS)]
+        products: usize,
+    },
 }
 
 pub async fn run(cli: Cli, settings: Settings) -> anyhow::Result<()> {
@@ -48,6 +55,14 @@ pub async fn run(cli: Cli, settings: Settings) -> anyhow::Result<()> {
             let pool = crate::db::connect(&settings).await?;
             crate::db::migrate(&pool).await?;
             tracing::info!("migrations applied");
+            Ok(())
+        }
+        Command::SeedDemo { products } => {
+            crate::db::create_database_if_missing(&settings).await?;
+            let pool = crate::db::connect(&settings).await?;
+            crate::db::migrate(&pool).await?;
+            let report = crate::catalog::seed::seed_demo(&pool, products).await?;
+            println!("{}", crate::catalog::seed::summary(&report));
             Ok(())
         }
         Command::CreateAdmin {

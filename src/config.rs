@@ -53,6 +53,9 @@ pub struct Settings {
     pub rate_limit_public_per_min: u32,
     pub rate_limit_auth_per_min: u32,
     pub rate_limit_sensitive_per_min: u32,
+    /// How long failed logins count against an account, and so the longest
+    /// an account stays locked for new addresses.
+    pub login_failure_window: Duration,
     /// Proxies whose `X-Forwarded-For` is believed (addresses or CIDR ranges).
     pub trusted_proxies: Vec<IpNet>,
     /// Origins allowed to call the API from a browser (none by default).
@@ -191,6 +194,11 @@ impl Settings {
             rate_limit_public_per_min: env.parse("RATE_LIMIT_PUBLIC_PER_MIN", 600)?,
             rate_limit_auth_per_min: env.parse("RATE_LIMIT_AUTH_PER_MIN", 30)?,
             rate_limit_sensitive_per_min: env.parse("RATE_LIMIT_SENSITIVE_PER_MIN", 60)?,
+            login_failure_window: Duration::from_secs(env.parse_in_range(
+                "LOGIN_FAILURE_WINDOW_SECONDS",
+                900,
+                1..=24 * 3600,
+            )?),
             trusted_proxies,
             cors_allowed_origins: env
                 .get("CORS_ALLOWED_ORIGINS")

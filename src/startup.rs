@@ -49,10 +49,16 @@ impl Application {
         // email takes as long as any other.
         crate::auth::password::prepare_dummy_hash(settings.bcrypt_cost).await?;
         let store = EventStore::new(pool.clone());
-        let projections = ProjectionSet::new(pool.clone(), crate::read_models::all());
         let redis = Redis::connect_lazily(&settings)?;
+        let caches = crate::read_models::Caches::new(&redis);
+        let projections = ProjectionSet::new(pool.clone(), crate::read_models::all(&pool, &caches));
+        let payments = crate::payments::provider_from_settings(&settings, pool.clone())?;
         let rate_limits = RateLimits::new(&settings, redis.connection());
-        let login_guard = LoginGuard::new(rate_limits.store().clone(), &settings.redis_key_prefix);
+        let login_guard = LoginGuard::new(
+            rate_limits.store().clone(),
+            &settings.redis_key_prefix,
+            settings.login_failure_window,
+        );
         let state = web::Data::new(AppState {
             redis,
             rate_limits,
@@ -63,6 +69,10 @@ impl Application {
             inventory: CommandBus::new(store.clone()),
             orders: CommandBus::new(store.clone()),
             carts: CommandBus::new(store.clone()),
+            products: CommandBus::new(store.clone()),
+            categories: CommandBus::new(store.clone()),
+            caches,
+            payments,
             store: store.clone(),
             projections: projections.clone(),
         });

@@ -8,12 +8,15 @@ use sqlx::PgPool;
 use crate::auth::tokens::AccessTokens;
 use crate::config::Settings;
 use domain::cart::Cart;
+use domain::catalog::{Category, Product};
 use domain::inventory::InventoryItem;
 use domain::order::Order;
 
 use crate::event_store::{CommandBus, EventStore};
+use crate::payments::PaymentProvider;
 use crate::rate_limit::login_guard::LoginGuard;
 use crate::rate_limit::RateLimits;
+use crate::read_models::Caches;
 use crate::redis_cache::Redis;
 
 pub struct AppState {
@@ -29,4 +32,9 @@ pub struct AppState {
     pub inventory: CommandBus<InventoryItem>,
     pub orders: CommandBus<Order>,
     pub carts: CommandBus<Cart>,
+    pub products: CommandBus<Product>,
+    pub categories: CommandBus<Category>,
+    /// Versioned Redis caches of product detail and stock.
+    pub caches: Caches,
+    pub payments: Arc<dyn PaymentProvider>,
 }

@@ -4,13 +4,17 @@
 //! Postgres tables (and, after commit, into Redis caches). The runner tails
 //! the `events` table gap-safely, applies each batch and moves the
 //! projection's checkpoint in one transaction, so a crash never loses or
-//! double-applies an event. Depends on `domain` for event types and on sqlx;
-//! never on the HTTP layer.
+//! double-applies an event. Depends on `domain` for event types, on sqlx and
+//! on redis (for caches); never on the HTTP layer.
 
+pub mod cache;
 pub mod carts;
+pub mod catalog;
+pub mod catalog_queries;
 pub mod orders;
 pub mod runner;
 pub mod set;
+pub mod stock;
 pub mod stored_event;
 
 pub use runner::{Projection, ProjectionError, ProjectionRunner, StepOutcome};

@@ -166,10 +166,9 @@ impl ProjectionRunner {
         .await?;
         tx.commit().await?;
 
-        self.checkpoint
-            .send_if_modified(|current| replace_if_newer(current, last));
-        metrics::counter!("projection_events_applied_total", "projection" => self.name())
-            .increment(events.len() as u64);
+        // Side effects first, then the local checkpoint: whoever waits on
+        // this runner for a write (read-your-writes) then also finds the
+        // caches already refreshed or dropped.
         let relevant: Vec<StoredEvent> = events
             .iter()
             .filter(|e| self.projection.handles(&e.aggregate_type))
@@ -178,6 +177,10 @@ impl ProjectionRunner {
         if !relevant.is_empty() {
             self.projection.after_commit(&relevant).await;
         }
+        self.checkpoint
+            .send_if_modified(|current| replace_if_newer(current, last));
+        metrics::counter!("projection_events_applied_total", "projection" => self.name())
+            .increment(events.len() as u64);
         Ok(StepOutcome::Applied(events.len()))
     }
 

@@ -21,6 +21,7 @@ pub fn configure(config: &mut web::ServiceConfig) {
         .service(ops::prometheus_metrics)
         .configure(openapi::configure)
         .configure(crate::auth::routes::configure)
+        .configure(crate::catalog::configure)
         .configure(crate::shop::configure)
         .configure(crate::audit::configure);
 }

@@ -5,14 +5,26 @@ use actix_web::{web, HttpResponse};
 use utoipa::OpenApi;
 use utoipa_swagger_ui::SwaggerUi;
 
+use crate::audit;
 use crate::auth::accounts::Account;
 use crate::auth::routes::{
     self as auth, AuthResponse, ChangePasswordRequest, LoginRequest, RefreshTokenRequest,
     RegisterRequest,
 };
 use crate::auth::Role;
+use crate::catalog::categories::{self, CreateCategoryRequest, UpdateCategoryRequest};
+use crate::catalog::products::{
+    self, CreateProductRequest, NewVariantRequest, ProductListing, UpdateProductRequest,
+    VariantUpdateRequest,
+};
+use crate::catalog::stock::{
+    self, AddStockRequest, Correction, StockLevel, SyncReport, SyncReservedRequest,
+    UpdateStockRequest,
+};
 use crate::http::ops;
+use crate::http::paging::PageMeta;
 use crate::http::problem::{FieldError, Problem, ShortLine};
+use crate::shop::{cart, checkout, orders, payment};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -22,16 +34,50 @@ use crate::http::problem::{FieldError, Problem, ShortLine};
         ops::healthz, ops::readyz, ops::prometheus_metrics,
         auth::register, auth::login, auth::refresh, auth::logout,
         auth::change_password, auth::me,
+        products::get_products, products::get_product, products::create_product,
+        products::update_product, products::delete_product,
+        categories::category_tree, categories::category_by_slug, categories::create_category,
+        categories::update_category,
+        stock::add_stock, stock::update_stock, stock::sync_reserved_stock, stock::get_stock_level,
+        cart::add_to_cart, cart::get_cart, cart::update_cart_item, cart::remove_cart_item,
+        cart::clear_cart,
+        checkout::checkout, payment::create_payment_intent, payment::confirm_payment,
+        payment::stripe_webhook, payment::fake_payment,
+        orders::my_orders, orders::my_order,
+        audit::audit_events, audit::inventory_at, audit::order_history,
     ),
     components(schemas(
         Problem, FieldError, ShortLine,
         Account, Role, AuthResponse, RegisterRequest, LoginRequest, RefreshTokenRequest,
         ChangePasswordRequest,
+        CreateProductRequest, NewVariantRequest, UpdateProductRequest, VariantUpdateRequest,
+        ProductListing, PageMeta, projections::catalog_queries::ListingItem,
+        projections::catalog_queries::ProductDetail, projections::catalog_queries::VariantDetail,
+        projections::catalog_queries::PublicStock, projections::catalog_queries::CategoryRef,
+        projections::catalog_queries::CategoryNode, projections::catalog_queries::CategoryPage,
+        CreateCategoryRequest, UpdateCategoryRequest,
+        AddStockRequest, UpdateStockRequest, SyncReservedRequest, StockLevel, SyncReport, Correction,
+        cart::AddToCart, cart::SetQuantity, cart::CartView, cart::CartItem,
+        orders::OrderView, orders::OrderItem, orders::OrderListing,
+        payment::PaymentIntentRequest, payment::PaymentIntentResponse, payment::ConfirmPaymentRequest,
+        payment::FakePaymentRequest, payment::FakePaymentResponse,
+        audit::AuditEvent, audit::EventsPage, audit::InventoryAtTime, audit::OrderState,
+        audit::OrderHistory,
     )),
     modifiers(&BearerSecurity),
     tags(
         (name = "ops", description = "Health, readiness and metrics"),
         (name = "auth", description = "Accounts, sessions and tokens"),
+        (name = "catalog", description = "Products: listing, search, detail and admin writes"),
+        (name = "categories", description = "The category tree"),
+        (name = "stock", description = "Stock levels per variant"),
+        (name = "cart", description = "The signed-in customer's cart"),
+        (name = "checkout", description = "Orders that hold stock, payment intents and confirmation \
+            (each needs an `Idempotency-Key`)"),
+        (name = "webhooks", description = "Payment provider events"),
+        (name = "fake payments", description = "Paying offline with PAYMENT_PROVIDER=fake"),
+        (name = "orders", description = "The signed-in customer's orders"),
+        (name = "audit", description = "The event log and what it proves (admin)"),
     )
 )]
 pub struct ApiDoc;

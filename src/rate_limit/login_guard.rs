@@ -21,8 +21,6 @@ use super::store::{LimitStore, REDIS_TIMEOUT};
 pub const SLOW_DOWN_AFTER: u64 = 3;
 /// Failures after which new addresses are locked out.
 pub const LOCK_AFTER: u64 = 10;
-/// How long failures are remembered, and so how long a lock lasts at most.
-pub const FAILURE_WINDOW: Duration = Duration::from_secs(15 * 60);
 const MAX_DELAY: Duration = Duration::from_secs(4);
 const KNOWN_ADDRESS_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
 
@@ -38,6 +36,8 @@ pub enum LoginGate {
 #[derive(Clone)]
 pub struct LoginGuard {
     store: Arc<LimitStore>,
+    /// How long failures are remembered, and so how long a lock lasts at most.
+    window: Duration,
     key_prefix: Arc<str>,
     local: Arc<Mutex<HashMap<String, LocalAccount>>>,
 }
@@ -50,10 +50,10 @@ struct LocalAccount {
 }
 
 impl LocalAccount {
-    fn live_failures(&self) -> (u64, Duration) {
+    fn live_failures(&self, window: Duration) -> (u64, Duration) {
         match self.window_started {
-            Some(started) if started.elapsed() < FAILURE_WINDOW => {
-                (self.failures, FAILURE_WINDOW - started.elapsed())
+            Some(started) if started.elapsed() < window => {
+                (self.failures, window - started.elapsed())
             }
             _ => (0, Duration::ZERO),
         }
@@ -70,9 +70,10 @@ pub fn delay_for(failures: u64) -> Duration {
 }
 
 impl LoginGuard {
-    pub fn new(store: Arc<LimitStore>, key_prefix: &str) -> Self {
+    pub fn new(store: Arc<LimitStore>, key_prefix: &str, window: Duration) -> Self {
         Self {
             store,
+            window,
             key_prefix: key_prefix.into(),
             local: Arc::default(),
         }
@@ -110,7 +111,7 @@ impl LoginGuard {
                 let count: u64 = redis.incr(&failures_key, 1).await?;
                 if count == 1 {
                     let _: () = redis
-                        .expire(&failures_key, FAILURE_WINDOW.as_secs() as i64)
+                        .expire(&failures_key, self.window.as_secs().max(1) as i64)
                         .await?;
                 }
                 Ok::<(), redis::RedisError>(())
@@ -124,7 +125,7 @@ impl LoginGuard {
         }
         let mut local = self.local.lock().unwrap_or_else(PoisonError::into_inner);
         let account = local.entry(key).or_default();
-        if account.live_failures().0 == 0 {
+        if account.live_failures(self.window).0 == 0 {
             account.failures = 0;
             account.window_started = Some(Instant::now());
         }
@@ -195,7 +196,7 @@ impl LoginGuard {
         let local = self.local.lock().unwrap_or_else(PoisonError::into_inner);
         match local.get(key) {
             Some(account) => {
-                let (failures, remaining) = account.live_failures();
+                let (failures, remaining) = account.live_failures(self.window);
                 let known = address.is_some_and(|a| account.known_addresses.contains(&a));
                 (failures, remaining, known)
             }
@@ -229,7 +230,11 @@ mod tests {
 
     #[tokio::test]
     async fn without_redis_failures_lock_new_addresses_but_not_known_ones() {
-        let guard = LoginGuard::new(Arc::new(LimitStore::new(None)), "t:");
+        let guard = LoginGuard::new(
+            Arc::new(LimitStore::new(None)),
+            "t:",
+            Duration::from_secs(900),
+        );
         let home: IpAddr = "198.51.100.1".parse().unwrap();
         let attacker: IpAddr = "203.0.113.66".parse().unwrap();
         guard.record_success("User@Example.com", Some(home)).await;

@@ -1,5 +1,6 @@
 //! The customer's cart: written as `Cart` commands, read from the carts read
-//! model joined with current prices and availability from the catalog.
+//! model (cached in Redis) with current prices and availability from the
+//! catalog.
 
 use std::time::Duration;
 
@@ -13,6 +14,7 @@ use utoipa::ToSchema;
 use uuid::Uuid;
 
 use crate::auth::AuthUser;
+use crate::catalog::{reads, Viewer};
 use crate::event_store::{Executed, Metadata};
 use crate::http::extract::Json;
 use crate::http::middleware::request_id_of;
@@ -82,21 +84,113 @@ pub async fn cart_lines(pool: &PgPool, user_id: Uuid) -> Result<Vec<CartItem>, s
     .await
 }
 
-pub async fn cart_view(pool: &PgPool, user_id: Uuid) -> Result<CartView, ApiError> {
-    let items = cart_lines(pool, user_id).await?;
-    let updated_at: Option<DateTime<Utc>> =
-        sqlx::query_scalar("SELECT updated_at FROM carts WHERE user_id = $1")
-            .bind(user_id)
-            .fetch_optional(pool)
-            .await?;
-    Ok(CartView {
+fn assemble(user_id: Uuid, items: Vec<CartItem>, updated_at: Option<DateTime<Utc>>) -> CartView {
+    CartView {
         id: user_id,
         item_count: items.iter().map(|item| item.quantity).sum(),
         subtotal_cents: items.iter().map(|item| item.line_total_cents).sum(),
         currency: items.first().map(|item| item.currency.clone()),
         items,
         updated_at,
-    })
+    }
+}
+
+/// What the cart cache holds: the lines, not their prices or stock.
+#[derive(Debug, Serialize, Deserialize)]
+struct CachedCart {
+    lines: Vec<CachedLine>,
+    updated_at: Option<DateTime<Utc>>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct CachedLine {
+    variant_id: Uuid,
+    product_id: Uuid,
+    quantity: i64,
+}
+
+fn cart_key(user_id: Uuid) -> String {
+    format!("cart:{user_id}")
+}
+
+/// The cart from Postgres, refreshing the cache with the version it read.
+async fn cart_view_from_postgres(state: &AppState, user_id: Uuid) -> Result<CartView, ApiError> {
+    let items = cart_lines(&state.pool, user_id).await?;
+    let cart: Option<(i64, DateTime<Utc>)> =
+        sqlx::query_as("SELECT version, updated_at FROM carts WHERE user_id = $1")
+            .bind(user_id)
+            .fetch_optional(&state.pool)
+            .await?;
+    if let Some((version, updated_at)) = cart {
+        let cached = CachedCart {
+            lines: items
+                .iter()
+                .map(|item| CachedLine {
+                    variant_id: item.variant_id,
+                    product_id: item.product_id,
+                    quantity: item.quantity,
+                })
+                .collect(),
+            updated_at: Some(updated_at),
+        };
+        state
+            .caches
+            .carts
+            .refresh(&cart_key(user_id), version, &cached)
+            .await;
+    }
+    Ok(assemble(
+        user_id,
+        items,
+        cart.map(|(_, updated_at)| updated_at),
+    ))
+}
+
+/// The cart from Redis: its lines, with current prices and stock laid over
+/// from the catalog caches. `None` on any miss.
+async fn cart_view_from_cache(
+    state: &AppState,
+    user_id: Uuid,
+) -> Result<Option<CartView>, ApiError> {
+    let Some(cached) = state
+        .caches
+        .carts
+        .get::<CachedCart>(&cart_key(user_id))
+        .await
+    else {
+        return Ok(None);
+    };
+    let mut items = Vec::with_capacity(cached.body.lines.len());
+    for line in cached.body.lines {
+        let product = reads::product_detail(state, line.product_id, Viewer::Public).await?;
+        let Some(product) = product else {
+            return Ok(None);
+        };
+        let Some(variant) = product.variants.iter().find(|v| v.id == line.variant_id) else {
+            return Ok(None);
+        };
+        items.push(CartItem {
+            variant_id: variant.id,
+            sku: variant.sku.clone(),
+            product_id: product.id,
+            product_name: product.name.clone(),
+            product_slug: product.slug.clone(),
+            unit_price_cents: variant.price_cents,
+            currency: variant.currency.clone(),
+            quantity: line.quantity,
+            line_total_cents: variant.price_cents * line.quantity,
+            available: variant.stock.available.max(0),
+        });
+    }
+    Ok(Some(assemble(user_id, items, cached.body.updated_at)))
+}
+
+/// The caller's cart: from the cache when it has it, else from Postgres.
+pub async fn cart_view(state: &AppState, user_id: Uuid) -> Result<CartView, ApiError> {
+    match cart_view_from_cache(state, user_id).await? {
+        Some(view) => Ok(view),
+        None => cart_view_from_postgres(state, user_id).await,
+    }
 }
 
 /// Whether a variant can be put in a cart: it exists and its product is public.
@@ -137,14 +231,26 @@ async fn execute_and_show(
         .execute(&user.id.to_string(), command, metadata)
         .await
         .map_err(|error| ApiError::from_command(error, cart_rejection))?;
-    if let Some(position) = executed.position {
+    let view = after_cart_write(state, user.id, executed.position).await?;
+    Ok(HttpResponse::Ok().json(view))
+}
+
+/// After any cart command: wait until the carts read model has it, then
+/// read the cart from Postgres, which also replaces the cached cart (a
+/// cached copy must never outlive a write).
+pub async fn after_cart_write(
+    state: &AppState,
+    user_id: Uuid,
+    position: Option<projections::GlobalPosition>,
+) -> Result<CartView, ApiError> {
+    if let Some(position) = position {
         state
             .projections
             .wait_for(projections::carts::NAME, position, READ_YOUR_WRITES_TIMEOUT)
             .await
             .map_err(ApiError::internal)?;
     }
-    Ok(HttpResponse::Ok().json(cart_view(&state.pool, user.id).await?))
+    cart_view_from_postgres(state, user_id).await
 }
 
 /// A line quantity where 0 means "remove the line".
@@ -196,7 +302,7 @@ pub async fn get_cart(
     state: web::Data<AppState>,
     user: AuthUser,
 ) -> Result<HttpResponse, ApiError> {
-    Ok(HttpResponse::Ok().json(cart_view(&state.pool, user.id).await?))
+    Ok(HttpResponse::Ok().json(cart_view(&state, user.id).await?))
 }
 
 /// Sets a line's quantity; 0 removes it.

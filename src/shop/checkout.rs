@@ -16,7 +16,7 @@ use domain::order::{NewOrderLine, OrderCommand, OrderError};
 use domain::values::{Currency, Money, Name, Quantity, Sku};
 use uuid::Uuid;
 
-use super::cart::{cart_lines, CartItem, READ_YOUR_WRITES_TIMEOUT};
+use super::cart::{after_cart_write, cart_lines, CartItem, READ_YOUR_WRITES_TIMEOUT};
 use super::orders::{order_view, OrderView};
 use crate::auth::AuthUser;
 use crate::event_store::{CommandError, Metadata};
@@ -103,7 +103,7 @@ pub async fn check_out(
         release_all(state, order_id, &lines, &metadata).await;
         return Err(ApiError::from_command(error, order_rejection));
     }
-    state
+    let emptied = state
         .carts
         .execute(
             &user.id.to_string(),
@@ -114,6 +114,7 @@ pub async fn check_out(
         .map_err(|error| {
             ApiError::from_command(error, |e| ApiError::internal(anyhow::anyhow!(e)))
         })?;
+    after_cart_write(state, user.id, emptied.position).await?;
     placed_order(state, order_id)
         .await?
         .ok_or_else(|| ApiError::internal(anyhow::anyhow!("order {order_id} placed but not found")))

@@ -181,3 +181,29 @@ async fn a_body_over_the_limit_is_a_413_problem() {
     let response = app.post_json("/api/v1/auth/register", &huge).await;
     problem(response, 413, "payload_too_large").await;
 }
+
+#[tokio::test]
+async fn every_api_route_is_in_the_openapi_document_with_its_method() {
+    let app = spawn_app().await;
+    let document: Value = app
+        .get("/api-docs/openapi.json")
+        .await
+        .json()
+        .await
+        .unwrap();
+    let documented = |path: &str, method: &str| {
+        // OpenAPI names path parameters the same way actix does ({id}).
+        document["paths"][path][method.to_lowercase()].is_object()
+    };
+    let api_routes = commerce::http::access::ROUTES
+        .iter()
+        .filter(|route| route.path.starts_with("/api/v1/"));
+    let missing: Vec<String> = api_routes
+        .filter(|route| !documented(route.path, route.method))
+        .map(|route| format!("{} {}", route.method, route.path))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "not in the OpenAPI document: {missing:?}"
+    );
+}

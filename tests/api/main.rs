@@ -5,9 +5,14 @@
 mod access;
 mod audit;
 mod auth;
+mod catalog;
+mod categories;
+mod checkout;
 mod event_store;
 mod fake_stripe;
 mod helpers;
 mod http_shell;
 mod payments;
+mod rate_limits;
+mod stock;
 mod users;

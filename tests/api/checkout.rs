@@ -1,0 +1,1151 @@
+//! Cart, checkout, payment and the order lifecycle, end to end over HTTP:
+//! every unit sold once, every payment accounted for.
+
+use std::time::Duration;
+
+use reqwest::Method;
+use serde_json::{json, Value};
+use uuid::Uuid;
+
+use crate::fake_stripe::{FakeStripe, TEST_SECRET_KEY, TEST_WEBHOOK_SECRET};
+use crate::helpers::{problem, spawn_app, spawn_app_with, spawn_instance_like, TestApp};
+use crate::users::TestUser;
+
+/// A product with one variant of `stock` units at 19.99 USD; returns the variant id.
+async fn product_with_stock(app: &TestApp, admin: &TestUser, stock: u32) -> Uuid {
+    let sku = format!("SKU-{}", &Uuid::new_v4().simple().to_string()[..12]);
+    let body = json!({
+        "name": format!("Limited sneaker {sku}"),
+        "description": "A drop of very few pairs",
+        "status": "active",
+        "variants": [{ "sku": sku, "title": "EU 42", "price_cents": 1999, "currency": "USD", "initial_stock": stock }]
+    });
+    let response = app
+        .post_json_as(
+            "/api/v1/products/create-product",
+            &admin.access_token,
+            &body,
+        )
+        .await;
+    assert_eq!(response.status(), 201, "create-product");
+    let product: Value = response.json().await.unwrap();
+    product["variants"][0]["id"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+async fn add_to_cart(
+    app: &TestApp,
+    buyer: &TestUser,
+    variant_id: Uuid,
+    quantity: i64,
+) -> reqwest::Response {
+    app.post_json_as(
+        "/api/v1/cart/add-cart",
+        &buyer.access_token,
+        &json!({ "variant_id": variant_id, "quantity": quantity }),
+    )
+    .await
+}
+
+async fn checkout(app: &TestApp, buyer: &TestUser, key: &str) -> reqwest::Response {
+    app.request(Method::POST, "/api/v1/checkout/")
+        .bearer_auth(&buyer.access_token)
+        .header("Idempotency-Key", key)
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap()
+}
+
+async fn post_with_key(
+    app: &TestApp,
+    buyer: &TestUser,
+    path: &str,
+    key: &str,
+    body: &Value,
+) -> reqwest::Response {
+    app.request(Method::POST, path)
+        .bearer_auth(&buyer.access_token)
+        .header("Idempotency-Key", key)
+        .json(body)
+        .send()
+        .await
+        .unwrap()
+}
+
+/// The variant's stock rebuilt from its events (the audit API).
+async fn stock(app: &TestApp, admin: &TestUser, variant_id: Uuid) -> Value {
+    app.get_as(
+        &format!("/api/v1/audit/inventory/{variant_id}"),
+        &admin.access_token,
+    )
+    .await
+    .json()
+    .await
+    .unwrap()
+}
+
+fn counts(stock: &Value) -> (u64, u64, u64) {
+    (
+        stock["on_hand"].as_u64().unwrap(),
+        stock["reserved"].as_u64().unwrap(),
+        stock["available"].as_u64().unwrap(),
+    )
+}
+
+async fn order_of(app: &TestApp, buyer: &TestUser, order_id: &str) -> Value {
+    app.get_as(
+        &format!("/api/v1/orders/my-orders/{order_id}"),
+        &buyer.access_token,
+    )
+    .await
+    .json()
+    .await
+    .unwrap()
+}
+
+/// Polls the order until it reaches `status` (the scheduler runs on a timer).
+async fn wait_for_status(app: &TestApp, buyer: &TestUser, order_id: &str, status: &str) -> Value {
+    for _ in 0..100 {
+        let order = order_of(app, buyer, order_id).await;
+        if order["status"] == status {
+            return order;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("order {order_id} never became {status}");
+}
+
+async fn buyer_with_cart(app: &TestApp, variant_id: Uuid, quantity: i64) -> TestUser {
+    let buyer = TestUser::register_customer(app).await;
+    assert_eq!(
+        add_to_cart(app, &buyer, variant_id, quantity)
+            .await
+            .status(),
+        200
+    );
+    buyer
+}
+
+async fn stripe_app(stripe: &FakeStripe, hold_seconds: u64) -> TestApp {
+    let base = stripe.base_url.clone();
+    spawn_app_with(move |settings| {
+        settings.payment_provider = commerce::config::PaymentProviderKind::Stripe;
+        settings.stripe_secret_key = Some(secrecy::SecretString::from(TEST_SECRET_KEY));
+        settings.stripe_webhook_secret = Some(secrecy::SecretString::from(TEST_WEBHOOK_SECRET));
+        settings.stripe_api_base = Some(base);
+        settings.order_hold = Duration::from_secs(hold_seconds);
+    })
+    .await
+}
+
+async fn deliver(
+    app: &TestApp,
+    stripe: &FakeStripe,
+    event_type: &str,
+    intent_id: &str,
+) -> reqwest::Response {
+    let webhook = stripe.signed_event(event_type, intent_id, TEST_WEBHOOK_SECRET);
+    app.request(Method::POST, "/api/v1/webhooks/stripe")
+        .header("stripe-signature", webhook.signature)
+        .header("content-type", "application/json")
+        .body(webhook.body)
+        .send()
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn the_cart_merges_lines_and_shows_prices_and_availability() {
+    let app = spawn_app().await;
+    let admin = TestUser::create_admin(&app).await;
+    let variant = product_with_stock(&app, &admin, 7).await;
+    let buyer = TestUser::register_customer(&app).await;
+
+    add_to_cart(&app, &buyer, variant, 2).await;
+    let cart: Value = add_to_cart(&app, &buyer, variant, 3)
+        .await
+        .json()
+        .await
+        .unwrap();
+
+    assert_eq!(cart["items"].as_array().unwrap().len(), 1);
+    let line = &cart["items"][0];
+    assert_eq!(
+        (line["quantity"].as_i64(), line["unit_price_cents"].as_i64()),
+        (Some(5), Some(1999))
+    );
+    assert_eq!(
+        (
+            line["line_total_cents"].as_i64(),
+            line["available"].as_i64()
+        ),
+        (Some(9995), Some(7))
+    );
+    assert_eq!(
+        (cart["item_count"].as_i64(), cart["subtotal_cents"].as_i64()),
+        (Some(5), Some(9995))
+    );
+    assert_eq!(cart["currency"], "USD");
+    let read: Value = app
+        .get_as("/api/v1/cart/get-cart", &buyer.access_token)
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(read["item_count"], 5, "a read right after a write shows it");
+}
+
+#[tokio::test]
+async fn cart_lines_can_be_set_removed_and_cleared() {
+    let app = spawn_app().await;
+    let admin = TestUser::create_admin(&app).await;
+    let first = product_with_stock(&app, &admin, 5).await;
+    let second = product_with_stock(&app, &admin, 5).await;
+    let buyer = TestUser::register_customer(&app).await;
+    add_to_cart(&app, &buyer, first, 1).await;
+    add_to_cart(&app, &buyer, second, 1).await;
+    let token = &buyer.access_token;
+
+    let set: Value = app
+        .request(Method::PUT, &format!("/api/v1/cart/update-item/{first}"))
+        .bearer_auth(token)
+        .json(&json!({ "quantity": 4 }))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(set["item_count"], 5);
+    let zeroed: Value = app
+        .request(Method::PUT, &format!("/api/v1/cart/update-item/{first}"))
+        .bearer_auth(token)
+        .json(&json!({ "quantity": 0 }))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        zeroed["items"].as_array().unwrap().len(),
+        1,
+        "0 removes the line"
+    );
+    let removed: Value = app
+        .request(
+            Method::DELETE,
+            &format!("/api/v1/cart/remove-item/{second}"),
+        )
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(removed["items"].as_array().unwrap().is_empty());
+    add_to_cart(&app, &buyer, second, 2).await;
+    let cleared = app
+        .request(Method::DELETE, "/api/v1/cart/clear")
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(cleared.status(), 200);
+    let cleared: Value = cleared.json().await.unwrap();
+    assert_eq!(
+        (
+            cleared["item_count"].as_i64(),
+            cleared["currency"].is_null()
+        ),
+        (Some(0), true)
+    );
+}
+
+#[tokio::test]
+async fn bad_cart_input_is_a_problem() {
+    let app = spawn_app().await;
+    let admin = TestUser::create_admin(&app).await;
+    let variant = product_with_stock(&app, &admin, 5).await;
+    let buyer = TestUser::register_customer(&app).await;
+
+    problem(
+        add_to_cart(&app, &buyer, variant, 0).await,
+        422,
+        "validation_failed",
+    )
+    .await;
+    problem(
+        add_to_cart(&app, &buyer, variant, -3).await,
+        422,
+        "validation_failed",
+    )
+    .await;
+    problem(
+        add_to_cart(&app, &buyer, variant, 10_001).await,
+        422,
+        "validation_failed",
+    )
+    .await;
+    problem(
+        add_to_cart(&app, &buyer, Uuid::new_v4(), 1).await,
+        404,
+        "not_found",
+    )
+    .await;
+    let malformed = app
+        .post_json_as(
+            "/api/v1/cart/add-cart",
+            &buyer.access_token,
+            &json!({ "variant_id": "nope", "quantity": 1 }),
+        )
+        .await;
+    problem(malformed, 422, "validation_failed").await;
+    let bad_path = app
+        .request(Method::PUT, "/api/v1/cart/update-item/not-a-uuid")
+        .bearer_auth(&buyer.access_token)
+        .json(&json!({ "quantity": 1 }))
+        .send()
+        .await
+        .unwrap();
+    problem(bad_path, 400, "validation_failed").await;
+    problem(app.get("/api/v1/cart/get-cart").await, 401, "unauthorized").await;
+}
+
+#[tokio::test]
+async fn checkout_needs_an_idempotency_key_and_a_cart() {
+    let app = spawn_app().await;
+    let buyer = TestUser::register_customer(&app).await;
+
+    let without_key = app
+        .request(Method::POST, "/api/v1/checkout/")
+        .bearer_auth(&buyer.access_token)
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap();
+    problem(without_key, 400, "validation_failed").await;
+    let bad_key = checkout(&app, &buyer, &"k".repeat(256)).await;
+    problem(bad_key, 400, "validation_failed").await;
+    problem(
+        checkout(&app, &buyer, "empty-cart").await,
+        422,
+        "validation_failed",
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn checkout_holds_the_stock_empties_the_cart_and_replays_for_the_same_key() {
+    let app = spawn_app().await;
+    let admin = TestUser::create_admin(&app).await;
+    let variant = product_with_stock(&app, &admin, 10).await;
+    let buyer = buyer_with_cart(&app, variant, 3).await;
+
+    let first = checkout(&app, &buyer, "order-1").await;
+    assert_eq!(first.status(), 201);
+    let order: Value = first.json().await.unwrap();
+    let again = checkout(&app, &buyer, "order-1").await;
+    assert_eq!(again.status(), 201);
+    assert_eq!(again.headers()["idempotent-replayed"], "true");
+    let replayed: Value = again.json().await.unwrap();
+
+    assert_eq!(replayed, order);
+    assert_eq!(order["status"], "created");
+    assert_eq!(
+        (order["total_cents"].as_i64(), order["currency"].as_str()),
+        (Some(5997), Some("USD"))
+    );
+    assert_eq!(order["items"][0]["quantity"], 3);
+    assert!(order["expires_at"].is_string());
+    assert_eq!(counts(&stock(&app, &admin, variant).await), (10, 3, 7));
+    let cart: Value = app
+        .get_as("/api/v1/cart/get-cart", &buyer.access_token)
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(cart["item_count"], 0, "the cart is emptied");
+    let listing: Value = app
+        .get_as("/api/v1/orders/my-orders", &buyer.access_token)
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(listing["page"]["total"], 1);
+    assert_eq!(listing["items"][0]["id"], order["id"]);
+    let other_body = post_with_key(
+        &app,
+        &buyer,
+        "/api/v1/checkout/",
+        "order-1",
+        &json!({ "note": "different" }),
+    )
+    .await;
+    problem(other_body, 422, "idempotency_key_reused").await;
+}
+
+#[tokio::test]
+async fn another_users_order_does_not_exist_for_you() {
+    let app = spawn_app().await;
+    let admin = TestUser::create_admin(&app).await;
+    let variant = product_with_stock(&app, &admin, 10).await;
+    let owner = buyer_with_cart(&app, variant, 1).await;
+    let order: Value = checkout(&app, &owner, "mine").await.json().await.unwrap();
+    let stranger = TestUser::register_customer(&app).await;
+    let order_id = order["id"].as_str().unwrap();
+
+    problem(
+        app.get_as(
+            &format!("/api/v1/orders/my-orders/{order_id}"),
+            &stranger.access_token,
+        )
+        .await,
+        404,
+        "not_found",
+    )
+    .await;
+    let intent = post_with_key(
+        &app,
+        &stranger,
+        "/api/v1/checkout/create-payment-intent",
+        "k",
+        &json!({ "order_id": order_id }),
+    )
+    .await;
+    problem(intent, 404, "not_found").await;
+    let listing: Value = app
+        .get_as("/api/v1/orders/my-orders", &stranger.access_token)
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(listing["page"]["total"], 0);
+}
+
+#[tokio::test]
+async fn twelve_concurrent_checkouts_with_one_key_make_one_order_and_one_reservation() {
+    let app = spawn_app().await;
+    let admin = TestUser::create_admin(&app).await;
+    let variant = product_with_stock(&app, &admin, 10).await;
+    let buyer = buyer_with_cart(&app, variant, 2).await;
+
+    let attempts = (0..12).map(|_| checkout(&app, &buyer, "same-key"));
+    let responses = futures_util::future::join_all(attempts).await;
+
+    let mut order_ids = std::collections::HashSet::new();
+    for response in responses {
+        match response.status().as_u16() {
+            201 => {
+                let order: Value = response.json().await.unwrap();
+                order_ids.insert(order["id"].as_str().unwrap().to_owned());
+            }
+            409 => {
+                problem(response, 409, "idempotency_in_progress").await;
+            }
+            other => panic!("unexpected status {other}"),
+        }
+    }
+    assert_eq!(order_ids.len(), 1, "one order");
+    assert_eq!(
+        counts(&stock(&app, &admin, variant).await),
+        (10, 2, 8),
+        "one reservation"
+    );
+    let stored: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM events WHERE aggregate_type = 'Order'")
+            .fetch_one(&app.pool)
+            .await
+            .unwrap();
+    assert_eq!(stored, 1, "one OrderPlaced");
+}
+
+#[tokio::test]
+async fn a_checkout_reserves_every_line_or_none() {
+    let app = spawn_app().await;
+    let admin = TestUser::create_admin(&app).await;
+    let plenty = product_with_stock(&app, &admin, 10).await;
+    let scarce = product_with_stock(&app, &admin, 1).await;
+    let buyer = TestUser::register_customer(&app).await;
+    add_to_cart(&app, &buyer, plenty, 2).await;
+    add_to_cart(&app, &buyer, scarce, 2).await;
+
+    let body = problem(
+        checkout(&app, &buyer, "too-much").await,
+        409,
+        "insufficient_stock",
+    )
+    .await;
+
+    let lines = body["lines"].as_array().unwrap();
+    assert_eq!(lines.len(), 1, "{body}");
+    assert_eq!(lines[0]["variant_id"], scarce.to_string());
+    assert_eq!(
+        (
+            lines[0]["requested"].as_u64(),
+            lines[0]["available"].as_u64()
+        ),
+        (Some(2), Some(1))
+    );
+    assert_eq!(
+        counts(&stock(&app, &admin, plenty).await),
+        (10, 0, 10),
+        "no stock stays held"
+    );
+    assert_eq!(counts(&stock(&app, &admin, scarce).await), (1, 0, 1));
+    let cart: Value = app
+        .get_as("/api/v1/cart/get-cart", &buyer.access_token)
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(cart["item_count"], 4, "a failed checkout keeps the cart");
+}
+
+#[tokio::test]
+async fn paying_with_the_fake_provider_marks_the_order_paid_and_takes_the_units_for_good() {
+    let app = spawn_app().await;
+    let admin = TestUser::create_admin(&app).await;
+    let variant = product_with_stock(&app, &admin, 5).await;
+    let buyer = buyer_with_cart(&app, variant, 2).await;
+    let order: Value = checkout(&app, &buyer, "pay-me").await.json().await.unwrap();
+    let order_id = order["id"].as_str().unwrap();
+
+    let intent: Value = post_with_key(
+        &app,
+        &buyer,
+        "/api/v1/checkout/create-payment-intent",
+        "intent-1",
+        &json!({ "order_id": order_id }),
+    )
+    .await
+    .json()
+    .await
+    .unwrap();
+    let again: Value = post_with_key(
+        &app,
+        &buyer,
+        "/api/v1/checkout/create-payment-intent",
+        "intent-2",
+        &json!({ "order_id": order_id }),
+    )
+    .await
+    .json()
+    .await
+    .unwrap();
+    assert_eq!(
+        again["payment_intent_id"], intent["payment_intent_id"],
+        "the same intent again"
+    );
+    assert_eq!(
+        (intent["amount_cents"].as_i64(), intent["currency"].as_str()),
+        (Some(3998), Some("USD"))
+    );
+    assert_eq!(
+        order_of(&app, &buyer, order_id).await["status"],
+        "payment_pending"
+    );
+    let intent_id = intent["payment_intent_id"].as_str().unwrap();
+
+    let confirm_body = json!({ "order_id": order_id, "payment_intent_id": intent_id });
+    let early = post_with_key(
+        &app,
+        &buyer,
+        "/api/v1/checkout/confirm-payment",
+        "confirm-early",
+        &confirm_body,
+    )
+    .await;
+    problem(early, 402, "payment_not_verified").await;
+    let paid = app
+        .post_json_as(
+            &format!("/api/v1/fake-payments/{intent_id}"),
+            &buyer.access_token,
+            &json!({ "outcome": "succeeded" }),
+        )
+        .await;
+    assert_eq!(paid.status(), 200);
+    let confirmed = post_with_key(
+        &app,
+        &buyer,
+        "/api/v1/checkout/confirm-payment",
+        "confirm",
+        &confirm_body,
+    )
+    .await;
+
+    assert_eq!(confirmed.status(), 200);
+    let confirmed: Value = confirmed.json().await.unwrap();
+    assert_eq!(confirmed["status"], "paid");
+    assert_eq!(confirmed["payment_intent_id"], intent_id);
+    assert_eq!(
+        counts(&stock(&app, &admin, variant).await),
+        (3, 0, 3),
+        "paid units left on_hand"
+    );
+}
+
+#[tokio::test]
+async fn a_failed_fake_payment_cancels_the_order_and_returns_the_stock() {
+    let app = spawn_app().await;
+    let admin = TestUser::create_admin(&app).await;
+    let variant = product_with_stock(&app, &admin, 5).await;
+    let buyer = buyer_with_cart(&app, variant, 2).await;
+    let order: Value = checkout(&app, &buyer, "declined")
+        .await
+        .json()
+        .await
+        .unwrap();
+    let order_id = order["id"].as_str().unwrap();
+    let intent: Value = post_with_key(
+        &app,
+        &buyer,
+        "/api/v1/checkout/create-payment-intent",
+        "i",
+        &json!({ "order_id": order_id }),
+    )
+    .await
+    .json()
+    .await
+    .unwrap();
+    let intent_id = intent["payment_intent_id"].as_str().unwrap();
+
+    let declined = app
+        .post_json_as(
+            &format!("/api/v1/fake-payments/{intent_id}"),
+            &buyer.access_token,
+            &json!({ "outcome": "failed" }),
+        )
+        .await;
+
+    assert_eq!(declined.status(), 200);
+    let order = order_of(&app, &buyer, order_id).await;
+    assert_eq!(
+        (order["status"].as_str(), order["cancel_reason"].as_str()),
+        (Some("cancelled"), Some("payment_failed"))
+    );
+    assert_eq!(counts(&stock(&app, &admin, variant).await), (5, 0, 5));
+    let stranger = TestUser::register_customer(&app).await;
+    let not_yours = app
+        .post_json_as(
+            &format!("/api/v1/fake-payments/{intent_id}"),
+            &stranger.access_token,
+            &json!({ "outcome": "succeeded" }),
+        )
+        .await;
+    problem(not_yours, 404, "not_found").await;
+    let bad_outcome = app
+        .post_json_as(
+            &format!("/api/v1/fake-payments/{intent_id}"),
+            &buyer.access_token,
+            &json!({ "outcome": "maybe" }),
+        )
+        .await;
+    problem(bad_outcome, 422, "validation_failed").await;
+}
+
+#[tokio::test]
+async fn a_hold_that_is_not_paid_expires_and_its_stock_returns() {
+    let app = spawn_app_with(|settings| settings.order_hold = Duration::from_secs(1)).await;
+    let admin = TestUser::create_admin(&app).await;
+    let variant = product_with_stock(&app, &admin, 4).await;
+    let buyer = buyer_with_cart(&app, variant, 3).await;
+    let order: Value = checkout(&app, &buyer, "will-expire")
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(counts(&stock(&app, &admin, variant).await), (4, 3, 1));
+
+    let expired = wait_for_status(&app, &buyer, order["id"].as_str().unwrap(), "cancelled").await;
+
+    assert_eq!(expired["cancel_reason"], "expired");
+    assert_eq!(counts(&stock(&app, &admin, variant).await), (4, 0, 4));
+}
+
+#[tokio::test]
+async fn a_hold_still_expires_after_the_server_restarts() {
+    let app = spawn_app_with(|settings| settings.order_hold = Duration::from_secs(2)).await;
+    let admin = TestUser::create_admin(&app).await;
+    let variant = product_with_stock(&app, &admin, 4).await;
+    let buyer = buyer_with_cart(&app, variant, 2).await;
+    let order: Value = checkout(&app, &buyer, "restart")
+        .await
+        .json()
+        .await
+        .unwrap();
+    let restarted = spawn_instance_like(&app).await;
+    app.stop().await;
+
+    let expired = wait_for_status(
+        &restarted,
+        &buyer,
+        order["id"].as_str().unwrap(),
+        "cancelled",
+    )
+    .await;
+
+    assert_eq!(expired["cancel_reason"], "expired");
+    assert_eq!(counts(&stock(&restarted, &admin, variant).await), (4, 0, 4));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_flash_sale_sells_every_unit_once_and_the_events_explain_every_unit() {
+    let app = spawn_app_with(|settings| settings.order_hold = Duration::from_secs(3)).await;
+    let admin = TestUser::create_admin(&app).await;
+    let units = 50;
+    let variant = product_with_stock(&app, &admin, units).await;
+    let buyers =
+        futures_util::future::join_all((0..200).map(|_| buyer_with_cart(&app, variant, 1))).await;
+
+    let keys: Vec<String> = (0..buyers.len()).map(|i| format!("sale-{i}")).collect();
+    let responses = futures_util::future::join_all(
+        buyers
+            .iter()
+            .zip(&keys)
+            .map(|(buyer, key)| checkout(&app, buyer, key)),
+    )
+    .await;
+
+    let mut won = Vec::new();
+    let mut lost = 0;
+    for (buyer, response) in buyers.iter().zip(responses) {
+        match response.status().as_u16() {
+            201 => won.push((buyer, response.json::<Value>().await.unwrap())),
+            409 => {
+                problem(response, 409, "insufficient_stock").await;
+                lost += 1;
+            }
+            other => panic!("unexpected status {other}"),
+        }
+    }
+    assert_eq!((won.len(), lost), (50, 150));
+    assert_eq!(counts(&stock(&app, &admin, variant).await), (50, 50, 0));
+
+    // Half pay; the other half let their holds expire.
+    for (buyer, order) in won.iter().take(25) {
+        let order_id = order["id"].as_str().unwrap();
+        let intent: Value = post_with_key(
+            &app,
+            buyer,
+            "/api/v1/checkout/create-payment-intent",
+            "pay",
+            &json!({ "order_id": order_id }),
+        )
+        .await
+        .json()
+        .await
+        .unwrap();
+        let intent_id = intent["payment_intent_id"].as_str().unwrap();
+        let paid = app
+            .post_json_as(
+                &format!("/api/v1/fake-payments/{intent_id}"),
+                &buyer.access_token,
+                &json!({ "outcome": "succeeded" }),
+            )
+            .await;
+        assert_eq!(paid.status(), 200);
+    }
+    for (buyer, order) in won.iter().skip(25) {
+        wait_for_status(&app, buyer, order["id"].as_str().unwrap(), "cancelled").await;
+    }
+
+    let history = stock(&app, &admin, variant).await;
+    assert_eq!(counts(&history), (25, 0, 25));
+    let events = history["events"].as_array().unwrap();
+    let of_type = |name: &str| events.iter().filter(|e| e["event_type"] == name).count();
+    assert_eq!(of_type("ItemRegistered"), 1);
+    assert_eq!(
+        of_type("StockReserved"),
+        50,
+        "one reservation per order that won"
+    );
+    assert_eq!(
+        of_type("ReservationCommitted"),
+        25,
+        "one sale per paid order"
+    );
+    assert_eq!(
+        of_type("ReservationReleased"),
+        25,
+        "one release per expired order"
+    );
+    // initial - sold = on_hand, and every reservation ended.
+    assert_eq!(units as usize - of_type("ReservationCommitted"), 25);
+}
+
+#[tokio::test]
+async fn stripe_payments_are_verified_with_stripe_before_an_order_is_paid() {
+    let stripe = FakeStripe::start().await;
+    let app = stripe_app(&stripe, 900).await;
+    let admin = TestUser::create_admin(&app).await;
+    let variant = product_with_stock(&app, &admin, 5).await;
+    let buyer = buyer_with_cart(&app, variant, 1).await;
+    let order: Value = checkout(&app, &buyer, "stripe-order")
+        .await
+        .json()
+        .await
+        .unwrap();
+    let order_id = order["id"].as_str().unwrap();
+    let intent: Value = post_with_key(
+        &app,
+        &buyer,
+        "/api/v1/checkout/create-payment-intent",
+        "i",
+        &json!({ "order_id": order_id }),
+    )
+    .await
+    .json()
+    .await
+    .unwrap();
+    let intent_id = intent["payment_intent_id"].as_str().unwrap();
+    assert!(intent["client_secret"].is_string());
+    let created = stripe.calls_to("POST", "/v1/payment_intents");
+    assert_eq!(created.len(), 1);
+    assert_eq!(created[0].param("metadata[order_id]"), Some(order_id));
+    assert_eq!(created[0].param("amount"), Some("1999"));
+
+    // Another order's intent does not pay this order.
+    let other_buyer = buyer_with_cart(&app, variant, 1).await;
+    let other: Value = checkout(&app, &other_buyer, "other")
+        .await
+        .json()
+        .await
+        .unwrap();
+    let other_intent: Value = post_with_key(
+        &app,
+        &other_buyer,
+        "/api/v1/checkout/create-payment-intent",
+        "i",
+        &json!({ "order_id": other["id"] }),
+    )
+    .await
+    .json()
+    .await
+    .unwrap();
+    stripe.pay(other_intent["payment_intent_id"].as_str().unwrap());
+    let wrong =
+        json!({ "order_id": order_id, "payment_intent_id": other_intent["payment_intent_id"] });
+    problem(
+        post_with_key(
+            &app,
+            &buyer,
+            "/api/v1/checkout/confirm-payment",
+            "c0",
+            &wrong,
+        )
+        .await,
+        402,
+        "payment_not_verified",
+    )
+    .await;
+
+    let confirm = json!({ "order_id": order_id, "payment_intent_id": intent_id });
+    problem(
+        post_with_key(
+            &app,
+            &buyer,
+            "/api/v1/checkout/confirm-payment",
+            "c1",
+            &confirm,
+        )
+        .await,
+        402,
+        "payment_not_verified",
+    )
+    .await;
+    assert_eq!(
+        order_of(&app, &buyer, order_id).await["status"],
+        "payment_pending",
+        "nothing changed"
+    );
+    stripe.pay(intent_id);
+    let paid = post_with_key(
+        &app,
+        &buyer,
+        "/api/v1/checkout/confirm-payment",
+        "c2",
+        &confirm,
+    )
+    .await;
+    assert_eq!(paid.status(), 200);
+    assert_eq!(paid.json::<Value>().await.unwrap()["status"], "paid");
+}
+
+#[tokio::test]
+async fn stripe_webhooks_pay_or_cancel_orders_once_whatever_their_order_and_number() {
+    let stripe = FakeStripe::start().await;
+    let app = stripe_app(&stripe, 900).await;
+    let admin = TestUser::create_admin(&app).await;
+    let variant = product_with_stock(&app, &admin, 5).await;
+    let payer = buyer_with_cart(&app, variant, 2).await;
+    let decliner = buyer_with_cart(&app, variant, 1).await;
+    let paid_order: Value = checkout(&app, &payer, "p").await.json().await.unwrap();
+    let failed_order: Value = checkout(&app, &decliner, "d").await.json().await.unwrap();
+    let intent_of = |buyer: &TestUser, order: &Value| {
+        let body = json!({ "order_id": order["id"] });
+        let app = &app;
+        let token = buyer.access_token.clone();
+        async move {
+            let response = app
+                .request(Method::POST, "/api/v1/checkout/create-payment-intent")
+                .bearer_auth(token)
+                .header("Idempotency-Key", "intent")
+                .json(&body)
+                .send()
+                .await
+                .unwrap();
+            response.json::<Value>().await.unwrap()["payment_intent_id"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        }
+    };
+    let paid_intent = intent_of(&payer, &paid_order).await;
+    let failed_intent = intent_of(&decliner, &failed_order).await;
+
+    let unsigned = app
+        .request(Method::POST, "/api/v1/webhooks/stripe")
+        .header("content-type", "application/json")
+        .body(stripe.event_body("payment_intent.succeeded", &paid_intent))
+        .send()
+        .await
+        .unwrap();
+    problem(unsigned, 400, "validation_failed").await;
+    assert_eq!(
+        order_of(&app, &payer, paid_order["id"].as_str().unwrap()).await["status"],
+        "payment_pending"
+    );
+
+    stripe.pay(&paid_intent);
+    stripe.decline(&failed_intent);
+    // Failure first for one, success twice for the other, in any order.
+    assert_eq!(
+        deliver(
+            &app,
+            &stripe,
+            "payment_intent.payment_failed",
+            &failed_intent
+        )
+        .await
+        .status(),
+        200
+    );
+    assert_eq!(
+        deliver(&app, &stripe, "payment_intent.succeeded", &paid_intent)
+            .await
+            .status(),
+        200
+    );
+    assert_eq!(
+        deliver(&app, &stripe, "payment_intent.succeeded", &paid_intent)
+            .await
+            .status(),
+        200
+    );
+    assert_eq!(
+        deliver(
+            &app,
+            &stripe,
+            "payment_intent.payment_failed",
+            &failed_intent
+        )
+        .await
+        .status(),
+        200
+    );
+
+    let paid = order_of(&app, &payer, paid_order["id"].as_str().unwrap()).await;
+    let failed = order_of(&app, &decliner, failed_order["id"].as_str().unwrap()).await;
+    assert_eq!(paid["status"], "paid");
+    assert_eq!(
+        (failed["status"].as_str(), failed["cancel_reason"].as_str()),
+        (Some("cancelled"), Some("payment_failed"))
+    );
+    assert_eq!(counts(&stock(&app, &admin, variant).await), (3, 0, 3));
+    let commits: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM events WHERE event_type = 'ReservationCommitted'")
+            .fetch_one(&app.pool)
+            .await
+            .unwrap();
+    assert_eq!(commits, 1, "paid once");
+}
+
+#[tokio::test]
+async fn a_payment_after_expiry_is_honoured_while_the_stock_is_there_and_refunded_when_it_is_gone()
+{
+    let stripe = FakeStripe::start().await;
+    let app = stripe_app(&stripe, 1).await;
+    let admin = TestUser::create_admin(&app).await;
+    let variant = product_with_stock(&app, &admin, 1).await;
+    let late = buyer_with_cart(&app, variant, 1).await;
+    let order: Value = checkout(&app, &late, "late").await.json().await.unwrap();
+    let order_id = order["id"].as_str().unwrap().to_owned();
+    let intent: Value = post_with_key(
+        &app,
+        &late,
+        "/api/v1/checkout/create-payment-intent",
+        "i",
+        &json!({ "order_id": order_id }),
+    )
+    .await
+    .json()
+    .await
+    .unwrap();
+    let intent_id = intent["payment_intent_id"].as_str().unwrap().to_owned();
+    wait_for_status(&app, &late, &order_id, "cancelled").await;
+    // The scheduler cancels the intent after it has cancelled the order.
+    let cancel_path = format!("/v1/payment_intents/{intent_id}/cancel");
+    for _ in 0..50 {
+        if !stripe.calls_to("POST", &cancel_path).is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(stripe.calls_to("POST", &cancel_path).len(), 1);
+
+    // Someone else buys the only unit; then the late payment lands anyway.
+    let quick = buyer_with_cart(&app, variant, 1).await;
+    assert_eq!(checkout(&app, &quick, "quick").await.status(), 201);
+    stripe.set_status(&intent_id, "succeeded");
+    assert_eq!(
+        deliver(&app, &stripe, "payment_intent.succeeded", &intent_id)
+            .await
+            .status(),
+        200
+    );
+
+    let refunded = order_of(&app, &late, &order_id).await;
+    assert_eq!(refunded["status"], "refunded");
+    let refunds = stripe.refunds();
+    assert_eq!(refunds.len(), 1);
+    assert_eq!(refunds[0]["payment_intent"], intent_id.as_str());
+    assert_eq!(
+        counts(&stock(&app, &admin, variant).await),
+        (1, 1, 0),
+        "the other buyer keeps the unit"
+    );
+}
+
+#[tokio::test]
+async fn a_late_payment_is_honoured_when_the_stock_is_still_there() {
+    let stripe = FakeStripe::start().await;
+    let app = stripe_app(&stripe, 1).await;
+    let admin = TestUser::create_admin(&app).await;
+    let variant = product_with_stock(&app, &admin, 3).await;
+    let buyer = buyer_with_cart(&app, variant, 2).await;
+    let order: Value = checkout(&app, &buyer, "late-ok")
+        .await
+        .json()
+        .await
+        .unwrap();
+    let order_id = order["id"].as_str().unwrap().to_owned();
+    let intent: Value = post_with_key(
+        &app,
+        &buyer,
+        "/api/v1/checkout/create-payment-intent",
+        "i",
+        &json!({ "order_id": order_id }),
+    )
+    .await
+    .json()
+    .await
+    .unwrap();
+    let intent_id = intent["payment_intent_id"].as_str().unwrap().to_owned();
+    wait_for_status(&app, &buyer, &order_id, "cancelled").await;
+
+    stripe.set_status(&intent_id, "succeeded");
+    assert_eq!(
+        deliver(&app, &stripe, "payment_intent.succeeded", &intent_id)
+            .await
+            .status(),
+        200
+    );
+
+    assert_eq!(order_of(&app, &buyer, &order_id).await["status"], "paid");
+    assert!(stripe.refunds().is_empty());
+    assert_eq!(counts(&stock(&app, &admin, variant).await), (1, 0, 1));
+}
+
+#[tokio::test]
+async fn the_cart_is_served_from_redis_with_current_prices_and_from_postgres_when_redis_is_gone() {
+    let app = spawn_app().await;
+    let admin = TestUser::create_admin(&app).await;
+    let variant = product_with_stock(&app, &admin, 5).await;
+    let buyer = buyer_with_cart(&app, variant, 2).await;
+    let cached_key = format!("{}cart:{}", app.settings.redis_key_prefix, buyer.id);
+    let mut redis = app.state.redis.connection().unwrap();
+    let exists: bool = redis::cmd("EXISTS")
+        .arg(&cached_key)
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    assert!(exists, "the write cached the cart");
+
+    // A price change shows in the cached cart at once.
+    let product_id = cart_product(&app, variant).await;
+    let update = app
+        .request(
+            Method::PUT,
+            &format!("/api/v1/products/update-product/{product_id}"),
+        )
+        .bearer_auth(&admin.access_token)
+        .json(&json!({ "variants": [{ "id": variant, "price_cents": 2500 }] }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(update.status(), 200);
+    let cart: Value = app
+        .get_as("/api/v1/cart/get-cart", &buyer.access_token)
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(cart["subtotal_cents"], 5000);
+    let exists: bool = redis::cmd("EXISTS")
+        .arg(&cached_key)
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    assert!(exists, "served from the cached cart");
+
+    // Checkout empties the cached cart too.
+    assert_eq!(checkout(&app, &buyer, "cached").await.status(), 201);
+    let cart: Value = app
+        .get_as("/api/v1/cart/get-cart", &buyer.access_token)
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(cart["item_count"], 0);
+
+    let without_redis = spawn_app_with(|settings| {
+        settings.database_url = app.settings.database_url.clone();
+        settings.redis_url = secrecy::SecretString::from("redis://127.0.0.1:1");
+    })
+    .await;
+    add_to_cart(&without_redis, &buyer, variant, 1).await;
+    let cart: Value = without_redis
+        .get_as("/api/v1/cart/get-cart", &buyer.access_token)
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        (cart["item_count"].as_i64(), cart["subtotal_cents"].as_i64()),
+        (Some(1), Some(2500))
+    );
+}
+
+async fn cart_product(app: &TestApp, variant_id: Uuid) -> Uuid {
+    sqlx::query_scalar("SELECT product_id FROM catalog_variants WHERE id = $1")
+        .bind(variant_id)
+        .fetch_one(&app.pool)
+        .await
+        .unwrap()
+}
