@@ -1,6 +1,10 @@
-//! The `commerce` command line: serve, migrate, create-admin, seed-demo.
+//! The `commerce` command line: serve, migrate, create-admin, seed-demo,
+//! rebuild-projections, verify-projections.
+
+use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
+use projections::Projection;
 
 use crate::auth::accounts::{self, Account, NewAccount};
 use crate::auth::Role;
@@ -41,6 +45,21 @@ pub enum Command {
         #[arg(long, default_value_t = crate::catalog::seed::DEMO_PRODUCTS)]
         products: usize,
     },
+    /// Drop and rebuild read models from the event store: each is built
+    /// beside the live tables and swapped in, so a running server keeps
+    /// answering. Reports events per second.
+    RebuildProjections {
+        /// Only this projection (repeatable); every one when none is named.
+        #[arg(long = "projection")]
+        projections: Vec<String>,
+    },
+    /// Rebuild read models into scratch tables and compare them with the
+    /// live ones, printing every difference; exits non-zero on any.
+    VerifyProjections {
+        /// Only this projection (repeatable); every one when none is named.
+        #[arg(long = "projection")]
+        projections: Vec<String>,
+    },
 }
 
 pub async fn run(cli: Cli, settings: Settings) -> anyhow::Result<()> {
@@ -64,6 +83,71 @@ pub async fn run(cli: Cli, settings: Settings) -> anyhow::Result<()> {
             let report = crate::catalog::seed::seed_demo(&pool, products).await?;
             println!("{}", crate::catalog::seed::summary(&report));
             Ok(())
+        }
+        Command::RebuildProjections { projections } => {
+            let (pool, chosen) = projections_to_rebuild(&settings, &projections).await?;
+            let reports = projections::rebuild::rebuild_all(&pool, &chosen).await?;
+            let (mut events, mut seconds) = (0u64, 0f64);
+            for report in &reports {
+                println!(
+                    "{}: {} events read, {} applied, in {:.2} s ({:.0} events/s); swapped in",
+                    report.projection,
+                    report.events_read,
+                    report.events_applied,
+                    report.elapsed.as_secs_f64(),
+                    report.events_per_second()
+                );
+                events += report.events_read;
+                seconds += report.elapsed.as_secs_f64();
+            }
+            let rate = if seconds > 0.0 {
+                events as f64 / seconds
+            } else {
+                0.0
+            };
+            println!(
+                "rebuilt {} read models: {events} events replayed in {seconds:.2} s ({rate:.0} events/s)",
+                reports.len()
+            );
+            Ok(())
+        }
+        Command::VerifyProjections { projections } => {
+            let (pool, chosen) = projections_to_rebuild(&settings, &projections).await?;
+            let reports = projections::rebuild::verify_all(&pool, &chosen).await?;
+            let mut differing = Vec::new();
+            for report in &reports {
+                if report.is_clean() {
+                    println!(
+                        "{}: equal to a fresh rebuild ({} events, {:.2} s)",
+                        report.projection,
+                        report.events_read,
+                        report.elapsed.as_secs_f64()
+                    );
+                    continue;
+                }
+                differing.push(report.projection);
+                println!("{}: DIFFERS from a fresh rebuild", report.projection);
+                for difference in &report.differences {
+                    println!(
+                        "  {}: {} live rows not in the rebuild, {} rebuilt rows not live",
+                        difference.table, difference.only_live, difference.only_rebuilt
+                    );
+                    for row in &difference.live_samples {
+                        println!("    live only:    {row}");
+                    }
+                    for row in &difference.rebuilt_samples {
+                        println!("    rebuild only: {row}");
+                    }
+                }
+            }
+            if differing.is_empty() {
+                Ok(())
+            } else {
+                anyhow::bail!(
+                    "read models differ from a fresh rebuild: {}",
+                    differing.join(", ")
+                )
+            }
         }
         Command::CreateAdmin {
             email,
@@ -106,4 +190,33 @@ pub async fn create_admin(
             }
             other => anyhow::Error::new(other).context("cannot create the admin"),
         })
+}
+
+/// Connects (migrating first, so every read-model table exists) and picks
+/// the projections named, wired to the caches they refresh.
+async fn projections_to_rebuild(
+    settings: &Settings,
+    names: &[String],
+) -> anyhow::Result<(sqlx::PgPool, Vec<Arc<dyn Projection>>)> {
+    crate::db::create_database_if_missing(settings).await?;
+    let pool = crate::db::connect(settings).await?;
+    crate::db::migrate(&pool).await?;
+    let redis = crate::redis_cache::Redis::connect_lazily(settings)?;
+    let caches = crate::read_models::Caches::new(&redis);
+    let every = crate::read_models::all(&pool, &caches);
+    if names.is_empty() {
+        return Ok((pool, every));
+    }
+    let known: Vec<&str> = every.iter().map(|projection| projection.name()).collect();
+    if let Some(unknown) = names.iter().find(|name| !known.contains(&name.as_str())) {
+        anyhow::bail!(
+            "no projection is called {unknown:?}; there are: {}",
+            known.join(", ")
+        );
+    }
+    let chosen = every
+        .into_iter()
+        .filter(|projection| names.iter().any(|name| name == projection.name()))
+        .collect();
+    Ok((pool, chosen))
 }

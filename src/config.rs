@@ -46,6 +46,9 @@ pub struct Settings {
     pub cookie_secure: bool,
     pub bcrypt_cost: u32,
     pub order_hold: Duration,
+    /// The one currency the shop sells in: what the sales figures answer
+    /// for (orders in any other currency are kept apart, never added in).
+    pub shop_currency: domain::values::Currency,
     pub payment_provider: PaymentProviderKind,
     pub stripe_secret_key: Option<SecretString>,
     pub stripe_webhook_secret: Option<SecretString>,
@@ -187,6 +190,15 @@ impl Settings {
                 900,
                 1..=7 * 24 * 3600,
             )?),
+            shop_currency: {
+                let raw = env.get("SHOP_CURRENCY").unwrap_or_else(|| "USD".into());
+                domain::values::Currency::try_from(raw.trim().to_owned()).map_err(|_| {
+                    ConfigError::new(
+                        "SHOP_CURRENCY",
+                        format!("{raw:?} is not a three-letter ISO 4217 code"),
+                    )
+                })?
+            },
             payment_provider,
             stripe_secret_key,
             stripe_webhook_secret: env.get("STRIPE_WEBHOOK_SECRET").map(SecretString::from),
@@ -317,6 +329,7 @@ mod tests {
         assert_eq!(s.environment, Environment::Development);
         assert_eq!(s.bind_addr.to_string(), "127.0.0.1:8080");
         assert_eq!(s.order_hold, Duration::from_secs(900));
+        assert_eq!(s.shop_currency.as_str(), "USD");
         assert_eq!(s.payment_provider, PaymentProviderKind::Fake);
         assert!(!s.cookie_secure);
         assert_eq!(s.database_name().as_deref(), Some("commerce"));
@@ -338,6 +351,7 @@ mod tests {
             ("TRUSTED_PROXIES", "10.0.0.1,nope"),
             ("PAYMENT_PROVIDER", "paypal"),
             ("JWT_SECRET", "short"),
+            ("SHOP_CURRENCY", "dollars"),
         ] {
             let err = settings(&[(name, value)]).unwrap_err();
             assert_eq!(err.name, name, "{value}");

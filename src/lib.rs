@@ -16,6 +16,7 @@ pub mod payments;
 pub mod rate_limit;
 pub mod read_models;
 pub mod redis_cache;
+pub mod sales;
 pub mod scheduler;
 pub mod shop;
 pub mod startup;

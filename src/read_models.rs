@@ -55,5 +55,6 @@ pub fn all(pool: &PgPool, caches: &Caches) -> Vec<Arc<dyn Projection>> {
             pool.clone(),
             caches.stock.clone(),
         )),
+        Arc::new(projections::sales::SalesProjection),
     ]
 }

@@ -22,6 +22,10 @@ impl Projection for CartsProjection {
         aggregate_type == <Cart as cqrs_es::Aggregate>::TYPE
     }
 
+    fn tables(&self) -> &'static [&'static str] {
+        &["carts", "cart_lines"]
+    }
+
     async fn apply(
         &self,
         tx: &mut PgConnection,

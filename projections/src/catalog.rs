@@ -55,6 +55,10 @@ impl Projection for CatalogProjection {
         aggregate_type == Product::TYPE || aggregate_type == Category::TYPE
     }
 
+    fn tables(&self) -> &'static [&'static str] {
+        &["catalog_products", "catalog_variants", "catalog_categories"]
+    }
+
     async fn apply(
         &self,
         tx: &mut PgConnection,

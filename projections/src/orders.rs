@@ -33,6 +33,10 @@ impl Projection for OrdersProjection {
         aggregate_type == <Order as cqrs_es::Aggregate>::TYPE
     }
 
+    fn tables(&self) -> &'static [&'static str] {
+        &["orders", "order_lines"]
+    }
+
     async fn apply(
         &self,
         tx: &mut PgConnection,

@@ -51,6 +51,13 @@ pub trait Projection: Send + Sync + 'static {
     /// are passed over but still move the checkpoint.
     fn handles(&self, aggregate_type: &str) -> bool;
 
+    /// The read-model tables this projection writes, and no others, by
+    /// unqualified name. A rebuild copies exactly these into a scratch
+    /// schema, replays the store into the copies, and swaps them in; so
+    /// `apply` and `reset` must name tables unqualified (the rebuild points
+    /// `search_path` at the copies) and must not write tables left out here.
+    fn tables(&self) -> &'static [&'static str];
+
     /// Folds one event into the read model, inside the step's transaction.
     /// Must be harmless to call again for an event it has already seen
     /// (replays after a rebuild are not deduplicated by the runner).
@@ -307,8 +314,10 @@ pub async fn read_events_after(
 }
 
 /// A stable 64-bit advisory-lock key for a projection name (FNV-1a), so the
-/// key does not depend on Rust's randomly seeded hasher.
-fn lock_key(name: &str) -> i64 {
+/// key does not depend on Rust's randomly seeded hasher. Whoever holds it
+/// (a runner's step, a rebuild's swap) is the only writer of the
+/// projection's tables and checkpoint.
+pub(crate) fn lock_key(name: &str) -> i64 {
     let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
     for byte in b"projection:".iter().chain(name.as_bytes()) {
         hash ^= u64::from(*byte);

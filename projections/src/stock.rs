@@ -85,6 +85,10 @@ impl Projection for StockProjection {
         aggregate_type == InventoryItem::TYPE
     }
 
+    fn tables(&self) -> &'static [&'static str] {
+        &["stock_levels"]
+    }
+
     async fn apply(
         &self,
         tx: &mut PgConnection,

@@ -23,7 +23,8 @@ pub fn configure(config: &mut web::ServiceConfig) {
         .configure(crate::auth::routes::configure)
         .configure(crate::catalog::configure)
         .configure(crate::shop::configure)
-        .configure(crate::audit::configure);
+        .configure(crate::audit::configure)
+        .configure(crate::sales::configure);
 }
 
 /// Requests no route took: 405 when the path is known (route macros guard

@@ -24,6 +24,7 @@ use crate::catalog::stock::{
 use crate::http::ops;
 use crate::http::paging::PageMeta;
 use crate::http::problem::{FieldError, Problem, ShortLine};
+use crate::sales;
 use crate::shop::{cart, checkout, orders, payment};
 
 #[derive(OpenApi)]
@@ -45,6 +46,7 @@ use crate::shop::{cart, checkout, orders, payment};
         payment::stripe_webhook, payment::fake_payment,
         orders::my_orders, orders::my_order,
         audit::audit_events, audit::inventory_at, audit::order_history,
+        sales::sales_summary, sales::sales_timeseries, sales::sales_top_products,
     ),
     components(schemas(
         Problem, FieldError, ShortLine,
@@ -63,6 +65,8 @@ use crate::shop::{cart, checkout, orders, payment};
         payment::FakePaymentRequest, payment::FakePaymentResponse,
         audit::AuditEvent, audit::EventsPage, audit::InventoryAtTime, audit::OrderState,
         audit::OrderHistory,
+        sales::SalesSummary, sales::SalesTimeseries, sales::SalesPoint, sales::Interval,
+        sales::TopProducts, sales::TopProduct,
     )),
     modifiers(&BearerSecurity),
     tags(
@@ -78,6 +82,7 @@ use crate::shop::{cart, checkout, orders, payment};
         (name = "fake payments", description = "Paying offline with PAYMENT_PROVIDER=fake"),
         (name = "orders", description = "The signed-in customer's orders"),
         (name = "audit", description = "The event log and what it proves (admin)"),
+        (name = "sales", description = "What sold and when, by hour, day and product, in the shop's currency (admin)"),
     )
 )]
 pub struct ApiDoc;

@@ -124,6 +124,10 @@ impl Projection for SeenEvents {
         aggregate_type == "TestStream"
     }
 
+    fn tables(&self) -> &'static [&'static str] {
+        &["test_seen"]
+    }
+
     async fn apply(
         &self,
         tx: &mut PgConnection,

@@ -14,5 +14,8 @@ mod helpers;
 mod http_shell;
 mod payments;
 mod rate_limits;
+mod rebuild;
+mod sales;
+mod shop_support;
 mod stock;
 mod users;
