@@ -5,6 +5,7 @@
 mod access;
 mod audit;
 mod auth;
+mod bench_smoke;
 mod catalog;
 mod categories;
 mod checkout;

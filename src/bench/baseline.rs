@@ -1,0 +1,256 @@
+//! The SQL baselines the server is measured against, run by the benchmark
+//! itself on the same Postgres: the hand-written hot-row reservation, and
+//! the catalog search statement without the HTTP layer around it.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use projections::catalog_queries::{self, ListingFilter, ListingSort};
+use sqlx::postgres::PgPoolOptions;
+use sqlx::PgPool;
+
+use super::load::{rate, Latencies};
+
+/// The page size of a listing when the client does not ask for one.
+pub const SEARCH_PAGE_SIZE: i64 = 20;
+
+/// Connections kept free for the servers and everybody else.
+const CONNECTION_HEADROOM: i64 = 10;
+
+/// The result of the hot-row baseline.
+#[derive(Debug, Clone)]
+pub struct HotRow {
+    pub concurrency: usize,
+    pub taken: usize,
+    /// Updates that found nothing left (the sale was over).
+    pub refused: usize,
+    /// From the start until the last unit was taken.
+    pub sell_out: Duration,
+    /// Latencies of the successful updates.
+    pub latencies: Latencies,
+}
+
+impl HotRow {
+    pub fn per_second(&self) -> f64 {
+        rate(self.taken, self.sell_out)
+    }
+}
+
+/// A pool for the benchmark's own SQL, with at most `size` connections
+/// (fewer if Postgres has not that many to spare; the second value says
+/// how many it got).
+pub async fn pool(database_url: &str, size: usize) -> anyhow::Result<(PgPool, usize)> {
+    let small = PgPoolOptions::new()
+        .max_connections(1)
+        .acquire_timeout(Duration::from_secs(30))
+        .connect(database_url)
+        .await
+        .context("connecting to Postgres")?;
+    let free: i64 = sqlx::query_scalar(
+        "SELECT current_setting('max_connections')::bigint \
+              - current_setting('superuser_reserved_connections')::bigint \
+              - (SELECT count(*) FROM pg_stat_activity)",
+    )
+    .fetch_one(&small)
+    .await?;
+    small.close().await;
+    let size = size.min(
+        usize::try_from(free - CONNECTION_HEADROOM)
+            .unwrap_or(1)
+            .max(1),
+    );
+    let pool = PgPoolOptions::new()
+        .max_connections(u32::try_from(size).unwrap_or(u32::MAX))
+        .acquire_timeout(Duration::from_secs(30))
+        .test_before_acquire(false)
+        .connect(database_url)
+        .await
+        .context("connecting to Postgres")?;
+    Ok((pool, size))
+}
+
+/// `UPDATE ... SET reserved = reserved + 1 WHERE ... AND on_hand - reserved >= 1`
+/// on one row of `units`, autocommit, from `concurrency` connections, until
+/// every unit is taken (or `timeout`). Uses, then drops, the scratch table
+/// `bench_hot_row`.
+pub async fn hot_row(
+    database_url: &str,
+    units: u32,
+    concurrency: usize,
+    timeout: Duration,
+) -> anyhow::Result<HotRow> {
+    let (pool, concurrency) = pool(database_url, concurrency).await?;
+    sqlx::query("DROP TABLE IF EXISTS bench_hot_row")
+        .execute(&pool)
+        .await?;
+    sqlx::query(
+        "CREATE TABLE bench_hot_row (id int PRIMARY KEY, on_hand int NOT NULL, reserved int NOT NULL)",
+    )
+    .execute(&pool)
+    .await?;
+    sqlx::query("INSERT INTO bench_hot_row (id, on_hand, reserved) VALUES (1, $1, 0)")
+        .bind(i32::try_from(units).context("--stock is too large for the hot row")?)
+        .execute(&pool)
+        .await?;
+
+    // Every client holds its connection for the whole run, as pgbench's do.
+    let mut connections = Vec::with_capacity(concurrency);
+    for _ in 0..concurrency {
+        let mut connection = pool.acquire().await?;
+        // Prepared once per connection before the clock starts.
+        sqlx::query("SELECT on_hand FROM bench_hot_row WHERE id = $1")
+            .bind(1)
+            .execute(&mut *connection)
+            .await?;
+        connections.push(connection);
+    }
+    let taken = Arc::new(AtomicUsize::new(0));
+    let start = Instant::now();
+    let deadline = start + timeout;
+    let units = units as usize;
+    let tasks: Vec<_> = connections
+        .into_iter()
+        .map(|mut connection| {
+            let taken = taken.clone();
+            tokio::spawn(async move {
+                let mut successes = Vec::new();
+                let mut refused = 0;
+                while taken.load(Ordering::Relaxed) < units && Instant::now() < deadline {
+                    let sent = Instant::now();
+                    let updated = sqlx::query(
+                        "UPDATE bench_hot_row SET reserved = reserved + 1 \
+                         WHERE id = $1 AND on_hand - reserved >= 1",
+                    )
+                    .bind(1)
+                    .execute(&mut *connection)
+                    .await?
+                    .rows_affected();
+                    let done = Instant::now();
+                    if updated == 1 {
+                        taken.fetch_add(1, Ordering::Relaxed);
+                        successes.push((done - start, done - sent));
+                    } else {
+                        refused += 1;
+                        break;
+                    }
+                }
+                anyhow::Ok((successes, refused))
+            })
+        })
+        .collect();
+    let mut successes = Vec::with_capacity(units);
+    let mut refused = 0;
+    for task in tasks {
+        let (mine, no) = task.await??;
+        successes.extend(mine);
+        refused += no;
+    }
+    let sell_out = successes
+        .iter()
+        .map(|(finished, _)| *finished)
+        .max()
+        .unwrap_or_default();
+    let reserved: i32 = sqlx::query_scalar("SELECT reserved FROM bench_hot_row WHERE id = 1")
+        .fetch_one(&pool)
+        .await?;
+    sqlx::query("DROP TABLE bench_hot_row")
+        .execute(&pool)
+        .await?;
+    pool.close().await;
+    if reserved as usize != successes.len() || successes.len() > units {
+        bail!(
+            "hot-row baseline is inconsistent: {} successful updates, reserved = {reserved}",
+            successes.len()
+        );
+    }
+    Ok(HotRow {
+        concurrency,
+        taken: successes.len(),
+        refused,
+        sell_out,
+        latencies: Latencies::of(successes.into_iter().map(|(_, latency)| latency).collect()),
+    })
+}
+
+/// The result of running the server's search statement directly.
+#[derive(Debug, Clone)]
+pub struct SqlSearch {
+    pub concurrency: usize,
+    pub queries: usize,
+    pub elapsed: Duration,
+    pub latencies: Latencies,
+    /// How many products matched (the listing's `total`).
+    pub total: u64,
+}
+
+/// What `GET /api/v1/products/get-products?q=<query>` asks the database:
+/// the very function the handler calls (a count and a ranked page of 20).
+pub fn search_filter(query: &str) -> ListingFilter {
+    ListingFilter {
+        search: Some(query.to_owned()),
+        ..ListingFilter::default()
+    }
+}
+
+/// Runs the search `queries` times at `concurrency`, straight on Postgres.
+pub async fn sql_search(
+    database_url: &str,
+    query: &str,
+    queries: usize,
+    concurrency: usize,
+    timeout: Duration,
+) -> anyhow::Result<SqlSearch> {
+    let (pool, concurrency) = pool(database_url, concurrency).await?;
+    let filter = search_filter(query);
+    // Warm: every connection opened, the plan cached, the index in memory.
+    let (_, total) =
+        catalog_queries::list_products(&pool, &filter, ListingSort::Relevance, SEARCH_PAGE_SIZE, 0)
+            .await?;
+    let mut warm = Vec::new();
+    for _ in 0..concurrency {
+        warm.push(pool.acquire().await?);
+    }
+    drop(warm);
+
+    let next = Arc::new(AtomicUsize::new(0));
+    let start = Instant::now();
+    let deadline = start + timeout;
+    let tasks: Vec<_> = (0..concurrency)
+        .map(|_| {
+            let pool = pool.clone();
+            let filter = filter.clone();
+            let next = next.clone();
+            tokio::spawn(async move {
+                let mut latencies = Vec::new();
+                while Instant::now() < deadline && next.fetch_add(1, Ordering::Relaxed) < queries {
+                    let sent = Instant::now();
+                    catalog_queries::list_products(
+                        &pool,
+                        &filter,
+                        ListingSort::Relevance,
+                        SEARCH_PAGE_SIZE,
+                        0,
+                    )
+                    .await?;
+                    latencies.push(sent.elapsed());
+                }
+                anyhow::Ok(latencies)
+            })
+        })
+        .collect();
+    let mut latencies = Vec::with_capacity(queries);
+    for task in tasks {
+        latencies.extend(task.await??);
+    }
+    let elapsed = start.elapsed();
+    pool.close().await;
+    Ok(SqlSearch {
+        concurrency,
+        queries: latencies.len(),
+        elapsed,
+        latencies: Latencies::of(latencies),
+        total,
+    })
+}

@@ -1,0 +1,785 @@
+//! The run itself, phase by phase: hot-row baseline, setup, the sale, the
+//! invariants, the read figures and the search figure.
+
+use std::io::Write as _;
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context};
+use futures_util::future::BoxFuture;
+use serde_json::{json, Value};
+use sqlx::postgres::PgPoolOptions;
+use sqlx::PgPool;
+use uuid::Uuid;
+
+use super::baseline::{self, HotRow, SEARCH_PAGE_SIZE};
+use super::client::{Answer, Call, Endpoint, Worker};
+use super::load::{drive, Job};
+use super::report::{self, Check, Checkout, Machine, Reads, Report, Search};
+use super::{HotRowBaseline, Options};
+
+const BUYER_PASSWORD: &str = "flash sale buyer password";
+/// At most this many buyers' carts are read in the cart figure.
+const MAX_CART_READERS: usize = 256;
+/// How long the read model may take to show the sale's last reservation.
+const CATCH_UP_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// A job from a closure (lets the compiler see the higher-ranked signature).
+fn job<F>(f: F) -> Job
+where
+    F: for<'a> Fn(usize, &'a mut Worker) -> BoxFuture<'a, anyhow::Result<Answer>>
+        + Send
+        + Sync
+        + 'static,
+{
+    Arc::new(f)
+}
+
+fn say(line: impl AsRef<str>) {
+    println!("{}", line.as_ref());
+    let _ = std::io::stdout().flush();
+}
+
+/// Runs the whole benchmark against `options.urls`; see the module docs.
+/// An error means the run could not be carried out; failed invariants are
+/// in the report (`Report::passed`).
+pub async fn run(options: &Options) -> anyhow::Result<Report> {
+    if options.urls.is_empty() || options.stock == 0 || options.buyers == 0 {
+        bail!("the benchmark needs at least one URL, one unit of stock and one buyer");
+    }
+    let endpoints: Arc<[Endpoint]> = options
+        .urls
+        .iter()
+        .map(|url| Endpoint::parse(url))
+        .collect::<anyhow::Result<Vec<_>>>()?
+        .into();
+    let concurrency = options.concurrency.max(1);
+    let db = PgPoolOptions::new()
+        .max_connections(2)
+        .acquire_timeout(Duration::from_secs(30))
+        .connect(&options.database_url)
+        .await
+        .context("connecting to the benchmark's database")?;
+    let postgres: String = sqlx::query_scalar("SELECT version()")
+        .fetch_one(&db)
+        .await?;
+    let machine = Machine {
+        cores: std::thread::available_parallelism().map_or(0, |n| n.get()),
+        cpu: report::cpu_model(),
+        postgres: postgres
+            .split_whitespace()
+            .take(2)
+            .collect::<Vec<_>>()
+            .join(" "),
+        load_before: report::load_average(),
+        load_after: String::new(),
+    };
+    say(format!(
+        "bench: {} instance(s) {:?}, C={concurrency}, S={}, B={}; {} cores, {}, load average {}",
+        endpoints.len(),
+        options.urls,
+        options.stock,
+        options.buyers,
+        machine.cores,
+        machine.postgres,
+        machine.load_before
+    ));
+
+    let hot_row = match &options.hot_row {
+        HotRowBaseline::Skip => None,
+        HotRowBaseline::Measured(hot) => Some(hot.clone()),
+        HotRowBaseline::Measure => Some(measure_hot_row(options).await?),
+    };
+
+    say(format!(
+        "[setup] admin, product, {} buyers with one unit in the cart each",
+        options.buyers
+    ));
+    let setup_started = Instant::now();
+    let mut admin = Worker::new(endpoints.clone());
+    let admin_token = login(&mut admin, &options.admin_email, &options.admin_password).await?;
+    let (slug, variant_id) = create_product(&mut admin, &admin_token, options).await?;
+    let tokens = buyers_with_carts(options, &endpoints, variant_id).await?;
+    let setup = setup_started.elapsed();
+    say(format!(
+        "[setup] done in {:.1} s ({:.0} buyers/s)",
+        setup.as_secs_f64(),
+        options.buyers as f64 / setup.as_secs_f64()
+    ));
+
+    let before = DbCounters::read(&db).await?;
+    say(format!(
+        "[checkout] {} checkouts at C={concurrency}",
+        options.buyers
+    ));
+    let (stop_sampling, sampling) = tokio::sync::watch::channel(false);
+    let lag = tokio::spawn(projection_lag(db.clone(), sampling));
+    let checkout = sell(options, &endpoints, &tokens).await;
+    let _ = stop_sampling.send(true);
+    let lag = lag.await?;
+    let checkout = checkout?;
+    say(format!(
+        "[checkout] {} answers/s, {} successful/s; {}",
+        checkout.all_per_second().round(),
+        checkout.successful_per_second().round(),
+        checkout.run.status_line()
+    ));
+    // Backends publish their statistics at most once a second.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let after = DbCounters::read(&db).await?;
+    let mut diagnostics = before.compare(&after, options.buyers, checkout.successful);
+    diagnostics.extend(event_diagnostics(&db, before.last_position, &checkout).await?);
+    diagnostics.extend(lag);
+
+    say("[invariants]");
+    let admin_token = login(&mut admin, &options.admin_email, &options.admin_password).await?;
+    let checks = invariants(options, &mut admin, &admin_token, variant_id, &checkout).await?;
+    for check in &checks {
+        let verdict = if check.passed { "PASS" } else { "FAIL" };
+        say(format!("  {verdict}  {}: {}", check.name, check.detail));
+    }
+
+    let reads = if options.read_requests > 0 {
+        Some(reads(options, &endpoints, &slug, &tokens, &checkout).await?)
+    } else {
+        None
+    };
+
+    let search = match &options.search {
+        Some(search_options) => Some(search(options, search_options, &endpoints, &db).await?),
+        None => None,
+    };
+    db.close().await;
+
+    let mut machine = machine;
+    machine.load_after = report::load_average();
+    Ok(Report {
+        instances: endpoints.len(),
+        concurrency,
+        stock: options.stock,
+        buyers: options.buyers,
+        machine,
+        setup,
+        hot_row,
+        checkout,
+        checks,
+        reads,
+        search,
+        diagnostics,
+    })
+}
+
+/// The hot-row SQL baseline at C, printed as it finishes.
+pub async fn measure_hot_row(options: &Options) -> anyhow::Result<HotRow> {
+    say(format!(
+        "[hot row] UPDATE ... reserved + 1 on one row of {} units from {} connections",
+        options.stock, options.concurrency
+    ));
+    let hot = baseline::hot_row(
+        &options.database_url,
+        options.stock,
+        options.concurrency.max(1),
+        options.phase_timeout,
+    )
+    .await
+    .context("hot-row baseline")?;
+    say(format!(
+        "[hot row] {} connections, {} updates/s, {}",
+        hot.concurrency,
+        hot.per_second().round(),
+        hot.latencies.line()
+    ));
+    Ok(hot)
+}
+
+async fn login(worker: &mut Worker, email: &str, password: &str) -> anyhow::Result<String> {
+    let answer = worker
+        .send(
+            0,
+            &Call::post(
+                "/api/v1/auth/login",
+                &json!({ "email": email, "password": password }),
+            ),
+        )
+        .await?;
+    let body = answer.expect(200, "signing in as the admin")?;
+    text(&body["access_token"], "access_token")
+}
+
+fn text(value: &Value, what: &str) -> anyhow::Result<String> {
+    value
+        .as_str()
+        .map(str::to_owned)
+        .ok_or_else(|| anyhow!("{what} missing in {value}"))
+}
+
+/// The product on sale: one variant of S units. Returns its slug and the
+/// variant's id.
+async fn create_product(
+    admin: &mut Worker,
+    token: &str,
+    options: &Options,
+) -> anyhow::Result<(String, Uuid)> {
+    let sku = format!("BENCH-{}", options.run_id);
+    let body = json!({
+        "name": format!("Flash sale sneaker {}", options.run_id),
+        "description": "One limited drop, everybody at once.",
+        "status": "active",
+        "variants": [{
+            "sku": sku, "title": "EU 42", "price_cents": 1999, "currency": "USD",
+            "initial_stock": options.stock
+        }]
+    });
+    let answer = admin
+        .send(
+            0,
+            &Call::post("/api/v1/products/create-product", &body).bearer(token),
+        )
+        .await?;
+    let product = answer.expect(201, "creating the product")?;
+    let slug = text(&product["slug"], "slug")?;
+    let variant_id = text(&product["variants"][0]["id"], "variant id")?.parse()?;
+    Ok((slug, variant_id))
+}
+
+/// Registers B buyers and puts one unit in each one's cart, C at a time;
+/// returns their access tokens.
+async fn buyers_with_carts(
+    options: &Options,
+    endpoints: &Arc<[Endpoint]>,
+    variant_id: Uuid,
+) -> anyhow::Result<Arc<[String]>> {
+    let slots: Arc<[OnceLock<String>]> = (0..options.buyers).map(|_| OnceLock::new()).collect();
+    let run_id = Arc::<str>::from(options.run_id.as_str());
+    let filled = slots.clone();
+    let setup = drive(
+        options.buyers,
+        options.concurrency,
+        endpoints,
+        options.phase_timeout,
+        job(move |index, worker| {
+            let slots = filled.clone();
+            let run_id = run_id.clone();
+            Box::pin(async move {
+                let registered = worker
+                    .send(
+                        index,
+                        &Call::post(
+                            "/api/v1/auth/register",
+                            &json!({
+                                "email": format!("buyer-{index}-{run_id}@example.com"),
+                                "password": BUYER_PASSWORD,
+                                "name": format!("Buyer {index}"),
+                            }),
+                        ),
+                    )
+                    .await?;
+                if registered.status != 201 {
+                    return Ok(registered);
+                }
+                let token = text(&registered.json()?["access_token"], "access_token")?;
+                let added = worker
+                    .send(
+                        index,
+                        &Call::post(
+                            "/api/v1/cart/add-cart",
+                            &json!({ "variant_id": variant_id, "quantity": 1 }),
+                        )
+                        .bearer(&token),
+                    )
+                    .await?;
+                if added.status == 200 {
+                    let _ = slots[index].set(token);
+                }
+                Ok(added)
+            })
+        }),
+    )
+    .await?;
+    let ready = slots.iter().filter(|slot| slot.get().is_some()).count();
+    if ready != options.buyers {
+        let failures: Vec<String> = setup
+            .outcomes()
+            .into_iter()
+            .filter(|((status, _), _)| *status != 200)
+            .map(|((status, code), count)| format!("{status} {code} ×{count}"))
+            .collect();
+        bail!(
+            "setup incomplete: {ready} of {} buyers have a cart ({}; not sent: {})",
+            options.buyers,
+            failures.join(", "),
+            setup.not_sent
+        );
+    }
+    Ok(slots
+        .iter()
+        .map(|slot| slot.get().cloned().unwrap_or_default())
+        .collect())
+}
+
+/// The sale: every buyer checks out once, round robin over the instances.
+async fn sell(
+    options: &Options,
+    endpoints: &Arc<[Endpoint]>,
+    tokens: &Arc<[String]>,
+) -> anyhow::Result<Checkout> {
+    let tokens_for_job = tokens.clone();
+    let run_id = Arc::<str>::from(options.run_id.as_str());
+    let run = drive(
+        options.buyers,
+        options.concurrency,
+        endpoints,
+        options.phase_timeout,
+        job(move |index, worker| {
+            let token = tokens_for_job[index].clone();
+            let key = format!("bench-{run_id}-{index}");
+            Box::pin(async move {
+                let call = Call::post("/api/v1/checkout/", &json!({}))
+                    .bearer(&token)
+                    .idempotency_key(key);
+                worker.send(index, &call).await
+            })
+        }),
+    )
+    .await?;
+    let successful = run.count(201);
+    let sell_out = run
+        .samples
+        .iter()
+        .filter(|sample| sample.status == 201)
+        .map(|sample| sample.finished)
+        .max()
+        .unwrap_or_default();
+    let mut per_instance = vec![0; endpoints.len()];
+    for sample in &run.samples {
+        per_instance[sample.index % endpoints.len()] += 1;
+    }
+    Ok(Checkout {
+        run,
+        successful,
+        sell_out,
+        per_instance,
+    })
+}
+
+/// Stock as an admin sees it: (on_hand, reserved, available).
+fn counts(body: &Value) -> Option<(i64, i64, i64)> {
+    Some((
+        body["on_hand"].as_i64()?,
+        body["reserved"].as_i64()?,
+        body["available"].as_i64()?,
+    ))
+}
+
+async fn invariants(
+    options: &Options,
+    admin: &mut Worker,
+    token: &str,
+    variant_id: Uuid,
+    checkout: &Checkout,
+) -> anyhow::Result<Vec<Check>> {
+    let mut checks = Vec::new();
+    let stock = i64::from(options.stock);
+    let sold = checkout.successful as i64;
+    let expected = stock.min(options.buyers as i64);
+    checks.push(Check::new(
+        "201s == min(S, B)",
+        sold == expected,
+        format!("{sold} == min({stock}, {})", options.buyers),
+    ));
+
+    let others = checkout.run.samples.len() - checkout.successful;
+    let unexpected: Vec<String> = checkout
+        .run
+        .outcomes()
+        .into_iter()
+        .filter(|((status, code), _)| {
+            *status != 201 && !(*status == 409 && code == "insufficient_stock")
+        })
+        .map(|((status, code), count)| format!("{status} {code} ×{count}"))
+        .collect();
+    checks.push(Check::new(
+        "every other answer is 409 insufficient_stock",
+        unexpected.is_empty() && checkout.run.not_sent == 0,
+        if unexpected.is_empty() && checkout.run.not_sent == 0 {
+            format!("{others} of {others}")
+        } else {
+            format!(
+                "unexpected: {}; not sent: {}",
+                unexpected.join(", "),
+                checkout.run.not_sent
+            )
+        },
+    ));
+
+    // The read model catches up after the answers: poll briefly.
+    let path = format!("/api/v1/stock/get-stock-level/{variant_id}");
+    let started = Instant::now();
+    let level = loop {
+        let body = admin
+            .send(0, &Call::get(&path).bearer(token))
+            .await?
+            .expect(200, "get-stock-level")?;
+        let level =
+            counts(&body).ok_or_else(|| anyhow!("admin stock level lacks counts: {body}"))?;
+        if level.1 == sold || started.elapsed() > CATCH_UP_TIMEOUT {
+            break level;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let (on_hand, reserved, available) = level;
+    checks.push(Check::new(
+        "on_hand == S",
+        on_hand == stock,
+        format!("{on_hand} == {stock}"),
+    ));
+    checks.push(Check::new(
+        "reserved == 201s",
+        reserved == sold,
+        format!("{reserved} == {sold}"),
+    ));
+    checks.push(Check::new(
+        "available == S - reserved",
+        available == stock - reserved,
+        format!("{available} == {stock} - {reserved}"),
+    ));
+    checks.push(Check::new(
+        "on_hand == available + reserved, no oversell",
+        on_hand == available + reserved && reserved <= on_hand && available >= 0,
+        format!("{on_hand} == {available} + {reserved}"),
+    ));
+
+    let audit = admin
+        .send(
+            0,
+            &Call::get(format!("/api/v1/audit/inventory/{variant_id}")).bearer(token),
+        )
+        .await?
+        .expect(200, "audit/inventory")?;
+    let from_events = counts(&audit).ok_or_else(|| anyhow!("audit lacks counts: {audit}"))?;
+    checks.push(Check::new(
+        "the events say the same (audit/inventory)",
+        from_events == level,
+        format!("events (on_hand, reserved, available) = {from_events:?}, read model = {level:?}"),
+    ));
+
+    let report = admin
+        .send(
+            0,
+            // The sale's variant: all of a 100,000-product catalog takes minutes.
+            &Call::post(
+                "/api/v1/stock/sync-reserved-stock",
+                &json!({ "variant_id": variant_id }),
+            )
+            .bearer(token),
+        )
+        .await?
+        .expect(200, "sync-reserved-stock")?;
+    let corrected = report["corrected"].as_array().map_or(usize::MAX, Vec::len);
+    checks.push(Check::new(
+        "sync-reserved-stock corrects nothing",
+        corrected == 0,
+        format!(
+            "checked {}, corrected {}",
+            report["checked"], report["corrected"]
+        ),
+    ));
+    Ok(checks)
+}
+
+async fn reads(
+    options: &Options,
+    endpoints: &Arc<[Endpoint]>,
+    slug: &str,
+    tokens: &Arc<[String]>,
+    checkout: &Checkout,
+) -> anyhow::Result<Reads> {
+    let requests = options.read_requests;
+    let c = options.concurrency;
+    let timeout = options.phase_timeout;
+
+    say(format!("[reads] GET /healthz ×{requests}"));
+    let healthz = drive(
+        requests,
+        c,
+        endpoints,
+        timeout,
+        job(|index, worker| {
+            Box::pin(async move { worker.send(index, &Call::get("/healthz")).await })
+        }),
+    )
+    .await?;
+
+    let product_path: Arc<str> = format!("/api/v1/products/get-product/{slug}").into();
+    let mut warm = Worker::new(endpoints.clone());
+    for instance in 0..endpoints.len() {
+        warm.send(instance, &Call::get(&*product_path))
+            .await?
+            .expect(200, "warming the product cache")?;
+    }
+    say(format!("[reads] GET {product_path} ×{requests}"));
+    let product = drive(
+        requests,
+        c,
+        endpoints,
+        timeout,
+        job(move |index, worker| {
+            let path = product_path.clone();
+            Box::pin(async move { worker.send(index, &Call::get(&*path)).await })
+        }),
+    )
+    .await?;
+
+    // Buyers who lost the sale still have their unit in the cart; the
+    // winners' carts are empty. Prefer the fuller carts.
+    let mut readers: Vec<usize> = checkout
+        .run
+        .samples
+        .iter()
+        .filter(|sample| sample.status == 409)
+        .map(|sample| sample.index)
+        .take(MAX_CART_READERS)
+        .collect();
+    if readers.is_empty() {
+        readers = (0..tokens.len().min(MAX_CART_READERS)).collect();
+    }
+    let reader_tokens: Arc<[String]> = readers.iter().map(|i| tokens[*i].clone()).collect();
+    for (number, token) in reader_tokens.iter().enumerate() {
+        warm.send(number, &Call::get("/api/v1/cart/get-cart").bearer(token))
+            .await?
+            .expect(200, "warming the cart cache")?;
+    }
+    say(format!(
+        "[reads] GET /api/v1/cart/get-cart ×{requests} ({} buyers)",
+        reader_tokens.len()
+    ));
+    let readers_for_job = reader_tokens.clone();
+    let cart = drive(
+        requests,
+        c,
+        endpoints,
+        timeout,
+        job(move |index, worker| {
+            let token = readers_for_job[index % readers_for_job.len()].clone();
+            Box::pin(async move {
+                worker
+                    .send(index, &Call::get("/api/v1/cart/get-cart").bearer(&token))
+                    .await
+            })
+        }),
+    )
+    .await?;
+    Ok(Reads {
+        healthz,
+        product,
+        cart,
+        cart_readers: reader_tokens.len(),
+    })
+}
+
+async fn search(
+    options: &Options,
+    search: &super::SearchOptions,
+    endpoints: &Arc<[Endpoint]>,
+    db: &PgPool,
+) -> anyhow::Result<Search> {
+    let mut products = active_products(db).await?;
+    let mut seeded = None;
+    if (products as usize) < search.products {
+        let commerce = options.commerce.as_ref().ok_or_else(|| {
+            anyhow!(
+                "the catalog has {products} products, search needs {}: run `commerce seed-demo --products {}` first",
+                search.products,
+                search.products
+            )
+        })?;
+        say(format!(
+            "[search] seeding the catalog: commerce seed-demo --products {}",
+            search.products
+        ));
+        let started = Instant::now();
+        let output = commerce
+            .run(
+                &["seed-demo", "--products", &search.products.to_string()],
+                search.seed_timeout,
+            )
+            .await?;
+        seeded = Some(started.elapsed());
+        say(format!("[search] {}", output.trim()));
+        products = active_products(db).await?;
+    }
+
+    let path: Arc<str> = format!(
+        "/api/v1/products/get-products?q={}",
+        form_urlencoded::byte_serialize(search.query.as_bytes()).collect::<String>()
+    )
+    .into();
+    let mut warm = Worker::new(endpoints.clone());
+    for instance in 0..endpoints.len() {
+        let listing = warm
+            .send(instance, &Call::get(&*path))
+            .await?
+            .expect(200, "the first search")?;
+        if listing["items"].as_array().map_or(0, Vec::len) == 0 {
+            bail!(
+                "the search {:?} finds nothing: pick another --search-query",
+                search.query
+            );
+        }
+    }
+    say(format!(
+        "[search] GET {path} ×{} (page of {SEARCH_PAGE_SIZE}, {products} products)",
+        search.requests
+    ));
+    let path_for_job = path.clone();
+    let http = drive(
+        search.requests,
+        options.concurrency,
+        endpoints,
+        options.phase_timeout,
+        job(move |index, worker| {
+            let path = path_for_job.clone();
+            Box::pin(async move { worker.send(index, &Call::get(&*path)).await })
+        }),
+    )
+    .await?;
+    say(format!(
+        "[search] the same statements in SQL ×{}",
+        search.requests
+    ));
+    let sql = baseline::sql_search(
+        &options.database_url,
+        &search.query,
+        search.requests,
+        options.concurrency,
+        options.phase_timeout,
+    )
+    .await?;
+    Ok(Search {
+        query: search.query.clone(),
+        products: products as u64,
+        http,
+        sql,
+        seeded,
+    })
+}
+
+/// Samples, during the sale, how far each projection is behind the newest
+/// event; returns one line per projection (max and mean, in events).
+async fn projection_lag(db: PgPool, mut stop: tokio::sync::watch::Receiver<bool>) -> Vec<String> {
+    let mut samples: std::collections::BTreeMap<String, Vec<i64>> = Default::default();
+    // Bounded by the sale, which is bounded by the phase timeout.
+    while !*stop.borrow() {
+        let rows: Result<Vec<(String, i64)>, _> = sqlx::query_as(
+            "SELECT name, greatest((SELECT coalesce(max(position), 0) FROM events) - last_position, 0) \
+             FROM projection_checkpoints ORDER BY name",
+        )
+        .fetch_all(&db)
+        .await;
+        for (name, behind) in rows.unwrap_or_default() {
+            samples.entry(name).or_default().push(behind);
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+            _ = stop.changed() => {}
+        }
+    }
+    let lines: Vec<String> = samples
+        .into_iter()
+        .filter(|(_, behind)| behind.iter().any(|b| *b > 0))
+        .map(|(name, behind)| {
+            let max = behind.iter().max().copied().unwrap_or(0);
+            let mean = behind.iter().sum::<i64>() as f64 / behind.len().max(1) as f64;
+            format!("{name}: mean {mean:.1}, max {max}")
+        })
+        .collect();
+    if lines.is_empty() {
+        return Vec::new();
+    }
+    vec![format!(
+        "projections behind the newest event during the sale (events, sampled every 50 ms): {}",
+        lines.join("; ")
+    )]
+}
+
+async fn active_products(db: &PgPool) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT count(*) FROM catalog_products WHERE status = 'active' AND NOT deleted",
+    )
+    .fetch_one(db)
+    .await
+}
+
+/// Database-wide counters around the sale, to see what a checkout costs.
+struct DbCounters {
+    transactions: i64,
+    inserted: i64,
+    updated: i64,
+    last_position: i64,
+}
+
+impl DbCounters {
+    async fn read(db: &PgPool) -> anyhow::Result<Self> {
+        let (transactions, inserted, updated): (i64, i64, i64) = sqlx::query_as(
+            "SELECT xact_commit + xact_rollback, tup_inserted, tup_updated \
+             FROM pg_stat_database WHERE datname = current_database()",
+        )
+        .fetch_one(db)
+        .await?;
+        let last_position: i64 =
+            sqlx::query_scalar("SELECT coalesce(max(position), 0) FROM events")
+                .fetch_one(db)
+                .await?;
+        Ok(Self {
+            transactions,
+            inserted,
+            updated,
+            last_position,
+        })
+    }
+
+    fn compare(&self, after: &Self, answers: usize, sold: usize) -> Vec<String> {
+        let per = |value: i64| value as f64 / answers.max(1) as f64;
+        vec![format!(
+            "Postgres during the sale (whole database, ≈): {} transactions, {} rows inserted, {} updated \
+             for {answers} checkouts ({sold} sold) = {:.1} transactions, {:.1} inserts, {:.1} updates per checkout",
+            after.transactions - self.transactions,
+            after.inserted - self.inserted,
+            after.updated - self.updated,
+            per(after.transactions - self.transactions),
+            per(after.inserted - self.inserted),
+            per(after.updated - self.updated),
+        )]
+    }
+}
+
+/// Events written during the sale, and how many went into each commit
+/// (the group commit on the hot item).
+async fn event_diagnostics(
+    db: &PgPool,
+    after_position: i64,
+    checkout: &Checkout,
+) -> anyhow::Result<Vec<String>> {
+    let rows: Vec<(String, i64, i64)> = sqlx::query_as(
+        "SELECT aggregate_type, count(*), count(DISTINCT txid) FROM events \
+         WHERE position > $1 GROUP BY aggregate_type ORDER BY aggregate_type",
+    )
+    .bind(after_position)
+    .fetch_all(db)
+    .await?;
+    let mut lines = Vec::new();
+    for (aggregate_type, events, transactions) in rows {
+        lines.push(format!(
+            "{aggregate_type}: {events} events in {transactions} transactions ({:.1} per commit)",
+            events as f64 / transactions.max(1) as f64
+        ));
+    }
+    let created = checkout.latencies_created();
+    let refused = checkout.latencies_refused();
+    lines.push(format!(
+        "a 201 takes p50 {} vs p50 {} for a refusal: the difference is the order, the cart and the read-your-writes waits",
+        super::load::ms(created.p50),
+        super::load::ms(refused.p50)
+    ));
+    Ok(lines)
+}
