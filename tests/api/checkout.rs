@@ -76,6 +76,22 @@ async fn post_with_key(
         .unwrap()
 }
 
+/// Creates (or gets again) the payment intent of one of the buyer's orders.
+async fn payment_intent_for(app: &TestApp, buyer: &TestUser, order_id: &str, key: &str) -> String {
+    let intent: Value = post_with_key(
+        app,
+        buyer,
+        "/api/v1/checkout/create-payment-intent",
+        key,
+        &json!({ "order_id": order_id }),
+    )
+    .await
+    .json()
+    .await
+    .unwrap();
+    intent["payment_intent_id"].as_str().unwrap().to_owned()
+}
+
 /// The variant's stock rebuilt from its events (the audit API).
 async fn stock(app: &TestApp, admin: &TestUser, variant_id: Uuid) -> Value {
     app.get_as(
@@ -602,18 +618,8 @@ async fn a_failed_fake_payment_cancels_the_order_and_returns_the_stock() {
         .await
         .unwrap();
     let order_id = order["id"].as_str().unwrap();
-    let intent: Value = post_with_key(
-        &app,
-        &buyer,
-        "/api/v1/checkout/create-payment-intent",
-        "i",
-        &json!({ "order_id": order_id }),
-    )
-    .await
-    .json()
-    .await
-    .unwrap();
-    let intent_id = intent["payment_intent_id"].as_str().unwrap();
+    let intent_id = payment_intent_for(&app, &buyer, order_id, "i").await;
+    let intent_id = intent_id.as_str();
 
     let declined = app
         .post_json_as(
@@ -730,18 +736,8 @@ async fn a_flash_sale_sells_every_unit_once_and_the_events_explain_every_unit() 
     // Half pay; the other half let their holds expire.
     for (buyer, order) in won.iter().take(25) {
         let order_id = order["id"].as_str().unwrap();
-        let intent: Value = post_with_key(
-            &app,
-            buyer,
-            "/api/v1/checkout/create-payment-intent",
-            "pay",
-            &json!({ "order_id": order_id }),
-        )
-        .await
-        .json()
-        .await
-        .unwrap();
-        let intent_id = intent["payment_intent_id"].as_str().unwrap();
+        let intent_id = payment_intent_for(&app, buyer, order_id, "pay").await;
+        let intent_id = intent_id.as_str();
         let paid = app
             .post_json_as(
                 &format!("/api/v1/fake-payments/{intent_id}"),
@@ -986,18 +982,7 @@ async fn a_payment_after_expiry_is_honoured_while_the_stock_is_there_and_refunde
     let late = buyer_with_cart(&app, variant, 1).await;
     let order: Value = checkout(&app, &late, "late").await.json().await.unwrap();
     let order_id = order["id"].as_str().unwrap().to_owned();
-    let intent: Value = post_with_key(
-        &app,
-        &late,
-        "/api/v1/checkout/create-payment-intent",
-        "i",
-        &json!({ "order_id": order_id }),
-    )
-    .await
-    .json()
-    .await
-    .unwrap();
-    let intent_id = intent["payment_intent_id"].as_str().unwrap().to_owned();
+    let intent_id = payment_intent_for(&app, &late, &order_id, "i").await;
     wait_for_status(&app, &late, &order_id, "cancelled").await;
     // The scheduler cancels the intent after it has cancelled the order.
     let cancel_path = format!("/v1/payment_intents/{intent_id}/cancel");
@@ -1045,18 +1030,7 @@ async fn a_late_payment_is_honoured_when_the_stock_is_still_there() {
         .await
         .unwrap();
     let order_id = order["id"].as_str().unwrap().to_owned();
-    let intent: Value = post_with_key(
-        &app,
-        &buyer,
-        "/api/v1/checkout/create-payment-intent",
-        "i",
-        &json!({ "order_id": order_id }),
-    )
-    .await
-    .json()
-    .await
-    .unwrap();
-    let intent_id = intent["payment_intent_id"].as_str().unwrap().to_owned();
+    let intent_id = payment_intent_for(&app, &buyer, &order_id, "i").await;
     wait_for_status(&app, &buyer, &order_id, "cancelled").await;
 
     stripe.set_status(&intent_id, "succeeded");
