@@ -1,8 +1,9 @@
 //! What every request handler can reach.
 
 use std::sync::Arc;
+use std::time::Duration;
 
-use projections::ProjectionSet;
+use projections::{GlobalPosition, ProjectionSet};
 use sqlx::PgPool;
 
 use crate::auth::tokens::AccessTokens;
@@ -13,6 +14,7 @@ use domain::inventory::InventoryItem;
 use domain::order::Order;
 
 use crate::event_store::{CommandBus, EventStore};
+use crate::http::problem::ApiError;
 use crate::payments::PaymentProvider;
 use crate::rate_limit::login_guard::LoginGuard;
 use crate::rate_limit::RateLimits;
@@ -37,4 +39,26 @@ pub struct AppState {
     /// Versioned Redis caches of product detail and stock.
     pub caches: Caches,
     pub payments: Arc<dyn PaymentProvider>,
+}
+
+/// How long a handler waits for a read model to show its own write.
+pub const READ_YOUR_WRITES_TIMEOUT: Duration = Duration::from_secs(5);
+
+impl AppState {
+    /// Waits until `projection` has applied a write stored at `position`
+    /// (`None`: the command stored nothing), so the handler's next read of
+    /// that read model shows it.
+    pub async fn read_your_write(
+        &self,
+        projection: &'static str,
+        position: Option<GlobalPosition>,
+    ) -> Result<(), ApiError> {
+        let Some(position) = position else {
+            return Ok(());
+        };
+        self.projections
+            .wait_for(projection, position, READ_YOUR_WRITES_TIMEOUT)
+            .await
+            .map_err(ApiError::internal)
+    }
 }

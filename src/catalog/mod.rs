@@ -10,7 +10,6 @@ pub mod seed;
 pub mod stock;
 
 use std::fmt::Display;
-use std::time::Duration;
 
 use actix_web::{web, HttpRequest};
 use domain::catalog::{CategoryError, ProductError};
@@ -24,9 +23,6 @@ use crate::http::idempotency::IdempotencyKey;
 use crate::http::middleware::request_id_of;
 use crate::http::problem::{ApiError, FieldError};
 use crate::state::AppState;
-
-/// How long an admin write waits for its read models before answering.
-pub const READ_YOUR_WRITES_TIMEOUT: Duration = Duration::from_secs(5);
 
 pub fn configure(config: &mut web::ServiceConfig) {
     config
@@ -63,13 +59,7 @@ async fn settle(
     waits: &[(&'static str, Option<GlobalPosition>)],
 ) -> Result<(), ApiError> {
     for (projection, position) in waits {
-        if let Some(position) = position {
-            state
-                .projections
-                .wait_for(projection, *position, READ_YOUR_WRITES_TIMEOUT)
-                .await
-                .map_err(ApiError::internal)?;
-        }
+        state.read_your_write(projection, *position).await?;
     }
     Ok(())
 }

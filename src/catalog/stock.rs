@@ -260,7 +260,7 @@ async fn sync_variants(
             .wait_for(
                 projections::stock::NAME,
                 newest,
-                super::READ_YOUR_WRITES_TIMEOUT,
+                crate::state::READ_YOUR_WRITES_TIMEOUT,
             )
             .await;
         if let Err(error) = waited {

@@ -2,8 +2,6 @@
 //! model (cached in Redis) with current prices and availability from the
 //! catalog.
 
-use std::time::Duration;
-
 use actix_web::{delete, get, post, put, web, HttpRequest, HttpResponse};
 use chrono::{DateTime, Utc};
 use domain::cart::{CartCommand, CartError};
@@ -20,8 +18,6 @@ use crate::http::extract::Json;
 use crate::http::middleware::request_id_of;
 use crate::http::problem::ApiError;
 use crate::state::AppState;
-
-pub const READ_YOUR_WRITES_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(Debug, Deserialize, ToSchema)]
 pub struct AddToCart {
@@ -243,13 +239,9 @@ pub async fn after_cart_write(
     user_id: Uuid,
     position: Option<projections::GlobalPosition>,
 ) -> Result<CartView, ApiError> {
-    if let Some(position) = position {
-        state
-            .projections
-            .wait_for(projections::carts::NAME, position, READ_YOUR_WRITES_TIMEOUT)
-            .await
-            .map_err(ApiError::internal)?;
-    }
+    state
+        .read_your_write(projections::carts::NAME, position)
+        .await?;
     cart_view_from_postgres(state, user_id).await
 }
 

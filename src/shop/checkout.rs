@@ -16,7 +16,7 @@ use domain::order::{NewOrderLine, OrderCommand, OrderError};
 use domain::values::{Currency, Money, Name, Quantity, Sku};
 use uuid::Uuid;
 
-use super::cart::{after_cart_write, cart_lines, CartItem, READ_YOUR_WRITES_TIMEOUT};
+use super::cart::{after_cart_write, cart_lines, CartItem};
 use super::orders::{order_view, OrderView};
 use crate::auth::AuthUser;
 use crate::event_store::{CommandError, Metadata};
@@ -132,15 +132,10 @@ async fn placed_order(state: &AppState, order_id: Uuid) -> Result<Option<OrderVi
     let Some((txid, position)) = last else {
         return Ok(None);
     };
+    let last = projections::GlobalPosition { txid, position };
     state
-        .projections
-        .wait_for(
-            projections::orders::NAME,
-            projections::GlobalPosition { txid, position },
-            READ_YOUR_WRITES_TIMEOUT,
-        )
-        .await
-        .map_err(ApiError::internal)?;
+        .read_your_write(projections::orders::NAME, Some(last))
+        .await?;
     Ok(order_view(&state.pool, order_id).await?)
 }
 

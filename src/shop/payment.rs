@@ -18,7 +18,6 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 use uuid::Uuid;
 
-use super::cart::READ_YOUR_WRITES_TIMEOUT;
 use super::checkout::{order_rejection, release_variants};
 use super::orders::{own_order, OrderView};
 use crate::auth::AuthUser;
@@ -62,18 +61,9 @@ async fn wait_for_orders(
     state: &AppState,
     position: Option<projections::GlobalPosition>,
 ) -> Result<(), ApiError> {
-    if let Some(position) = position {
-        state
-            .projections
-            .wait_for(
-                projections::orders::NAME,
-                position,
-                READ_YOUR_WRITES_TIMEOUT,
-            )
-            .await
-            .map_err(ApiError::internal)?;
-    }
-    Ok(())
+    state
+        .read_your_write(projections::orders::NAME, position)
+        .await
 }
 
 /// What became of a successful payment.
