@@ -152,6 +152,7 @@ fn serve(listener: TcpListener, state: web::Data<AppState>) -> anyhow::Result<Se
             .wrap(from_fn(middleware::request_id_header))
             .wrap(TracingLogger::default())
             .configure(http::configure)
+            .configure(http::admin::configure)
             .default_service(web::to(http::not_found))
     })
     .shutdown_timeout(30)

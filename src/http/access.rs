@@ -55,6 +55,10 @@ pub const ROUTES: &[RouteSpec] = &[
     route("GET", "/api-docs/openapi.json", Access::Public),
     route("GET", "/docs", Access::Public),
     route("GET", "/docs/{_:.*}", Access::Public),
+    // The dashboard page and its files; the figures it shows come from
+    // admin routes below.
+    route("GET", "/admin", Access::Public),
+    route("GET", "/admin/{asset:.*}", Access::Public),
     route("POST", "/api/v1/auth/register", Access::Public),
     route("POST", "/api/v1/auth/login", Access::Public),
     route("POST", "/api/v1/auth/logout", Access::Private),

@@ -1,6 +1,7 @@
 //! The HTTP layer: routing, extractors, errors and middleware.
 
 pub mod access;
+pub mod admin;
 pub mod client_ip;
 pub mod extract;
 pub mod idempotency;

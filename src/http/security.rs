@@ -16,13 +16,24 @@ const API_CSP: &str = "default-src 'none'; frame-ancestors 'none'; base-uri 'non
 const DOCS_CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self' 'unsafe-inline'; \
      img-src 'self' data:; font-src 'self'; connect-src 'self'; frame-ancestors 'none'; \
      base-uri 'none'; form-action 'self'";
+/// The admin dashboard: its own scripts and stylesheets only (no inline
+/// code, so an injected `<script>` cannot run), and fetches to this origin's
+/// API. Sign-in is a script's `fetch`, never a form submission, so forms may
+/// post nowhere: a page whose script failed cannot put a password in a URL.
+const ADMIN_CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; \
+     connect-src 'self'; img-src 'self'; frame-ancestors 'none'; base-uri 'none'; \
+     form-action 'none'";
 const HSTS: &str = "max-age=31536000; includeSubDomains";
 
 pub async fn security_headers(
     request: ServiceRequest,
     next: Next<impl MessageBody>,
 ) -> Result<ServiceResponse<impl MessageBody>, actix_web::Error> {
-    let is_docs = request.path().starts_with("/docs");
+    let csp = match request.path() {
+        path if path.starts_with("/docs") => DOCS_CSP,
+        path if path == "/admin" || path.starts_with("/admin/") => ADMIN_CSP,
+        _ => API_CSP,
+    };
     let secure = request
         .app_data::<web::Data<AppState>>()
         .is_some_and(|state| state.settings.cookie_secure);
@@ -43,7 +54,7 @@ pub async fn security_headers(
     );
     headers.insert(
         header::CONTENT_SECURITY_POLICY,
-        HeaderValue::from_static(if is_docs { DOCS_CSP } else { API_CSP }),
+        HeaderValue::from_static(csp),
     );
     if secure {
         headers.insert(

@@ -9,6 +9,7 @@ mod bench_smoke;
 mod catalog;
 mod categories;
 mod checkout;
+mod dashboard;
 mod event_store;
 mod fake_stripe;
 mod helpers;
