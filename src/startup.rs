@@ -21,6 +21,7 @@ use crate::http::{self, access, extract, idempotency, middleware, problem, secur
 use crate::rate_limit::login_guard::LoginGuard;
 use crate::rate_limit::RateLimits;
 use crate::redis_cache::Redis;
+use crate::shop::checkout_commit::CheckoutCommitter;
 use crate::state::AppState;
 
 pub struct Application {
@@ -67,6 +68,7 @@ impl Application {
             settings: Arc::new(settings),
             pool: pool.clone(),
             inventory: CommandBus::new(store.clone()),
+            checkouts: CheckoutCommitter::start(store.clone(), caches.carts.clone()),
             orders: CommandBus::new(store.clone()),
             carts: CommandBus::new(store.clone()),
             products: CommandBus::new(store.clone()),

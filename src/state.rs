@@ -20,6 +20,7 @@ use crate::rate_limit::login_guard::LoginGuard;
 use crate::rate_limit::RateLimits;
 use crate::read_models::Caches;
 use crate::redis_cache::Redis;
+use crate::shop::checkout_commit::CheckoutCommitter;
 
 pub struct AppState {
     pub settings: Arc<Settings>,
@@ -32,6 +33,8 @@ pub struct AppState {
     pub login_guard: LoginGuard,
     /// Stock of each variant; the flash-sale hot path.
     pub inventory: CommandBus<InventoryItem>,
+    /// Checkouts, decided and stored many to a transaction.
+    pub checkouts: CheckoutCommitter,
     pub orders: CommandBus<Order>,
     pub carts: CommandBus<Cart>,
     pub products: CommandBus<Product>,

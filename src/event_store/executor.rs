@@ -310,7 +310,8 @@ where
                     continue;
                 }
             };
-            let serialized = match self.serialize(&events, version, &job.metadata) {
+            let serialized = match serialize_events::<A>(&self.id, &events, version, &job.metadata)
+            {
                 Ok(serialized) => serialized,
                 Err(error) => {
                     outcomes.push(Err(CommandError::Store(error.to_string())));
@@ -335,34 +336,36 @@ where
         }
     }
 
-    fn serialize(
-        &self,
-        events: &[A::Event],
-        version: i64,
-        metadata: &Metadata,
-    ) -> Result<Vec<NewEvent>, serde_json::Error> {
-        let metadata = serde_json::to_value(metadata)?;
-        events
-            .iter()
-            .zip(version + 1..)
-            .map(|(event, sequence)| {
-                Ok(NewEvent {
-                    aggregate_type: A::TYPE,
-                    aggregate_id: self.id.clone(),
-                    sequence,
-                    event_type: event.event_type(),
-                    event_version: event.event_version(),
-                    payload: serde_json::to_value(event)?,
-                    metadata: metadata.clone(),
-                })
-            })
-            .collect()
-    }
-
     fn fail_all(&self, jobs: Vec<Job<A>>, error: &str) {
         tracing::error!(aggregate = A::TYPE, id = %self.id, error, "command batch failed");
         for job in jobs {
             let _ = job.reply.send(Err(CommandError::Store(error.to_owned())));
         }
     }
+}
+
+/// The events one command of aggregate `id` caused, numbered after `version`
+/// and ready to append.
+pub fn serialize_events<A: Aggregate>(
+    id: &str,
+    events: &[A::Event],
+    version: i64,
+    metadata: &Metadata,
+) -> Result<Vec<NewEvent>, serde_json::Error> {
+    let metadata = serde_json::to_value(metadata)?;
+    events
+        .iter()
+        .zip(version + 1..)
+        .map(|(event, sequence)| {
+            Ok(NewEvent {
+                aggregate_type: A::TYPE,
+                aggregate_id: id.to_owned(),
+                sequence,
+                event_type: event.event_type(),
+                event_version: event.event_version(),
+                payload: serde_json::to_value(event)?,
+                metadata: metadata.clone(),
+            })
+        })
+        .collect()
 }

@@ -6,6 +6,6 @@ mod executor;
 mod metadata;
 mod repository;
 
-pub use executor::{CommandBus, CommandError, Executed};
+pub use executor::{serialize_events, CommandBus, CommandError, Executed};
 pub use metadata::{Actor, Metadata};
 pub use repository::{AppendError, EventStore, NewEvent};

@@ -141,7 +141,7 @@ pub async fn idempotency(
 
     let deadline = tokio::time::Instant::now() + WAIT_FOR_FIRST;
     loop {
-        match claim(&pool, user.id, &key.0, &fingerprint)
+        match claim(&pool, user.id, &key.0, &fingerprint, required)
             .await
             .map_err(ApiError::from)?
         {
@@ -194,6 +194,7 @@ pub async fn idempotency(
         status,
         content_type.as_deref(),
         &bytes,
+        required,
     )
     .await
     .map_err(ApiError::from)?;
@@ -234,21 +235,34 @@ struct StoredKey {
     lease_alive: bool,
 }
 
+// On the routes that require a key, key records are written with
+// `synchronous_commit` off for their own transaction (`set_config(.., true)`
+// lasts until that commit), which spares two disk flushes per request. What
+// a crash of Postgres can lose is a record written in the last fraction of a
+// second; the retry then runs the handler again, and those handlers are
+// idempotent by ids derived from the key (order id, intent id, settlement
+// once per order), so the retry gets the same outcome. Their business effect
+// is in the event store, committed synchronously. A key sent to any other
+// route is recorded durably: its handler may not be idempotent on its own.
 async fn claim(
     pool: &PgPool,
     user_id: Uuid,
     key: &str,
     fingerprint: &[u8],
+    relaxed: bool,
 ) -> Result<Claim, sqlx::Error> {
     let lease_secs = LEASE.as_secs_f64();
     let inserted = sqlx::query(
-        "INSERT INTO idempotency_keys (user_id, key, fingerprint, leased_until) \
-         VALUES ($1, $2, $3, now() + make_interval(secs => $4)) ON CONFLICT DO NOTHING",
+        "WITH relaxed AS (SELECT set_config('synchronous_commit', \
+                           CASE WHEN $5 THEN 'off' ELSE current_setting('synchronous_commit') END, true)) \
+         INSERT INTO idempotency_keys (user_id, key, fingerprint, leased_until) \
+         SELECT $1, $2, $3, now() + make_interval(secs => $4) FROM relaxed ON CONFLICT DO NOTHING",
     )
     .bind(user_id)
     .bind(key)
     .bind(fingerprint)
     .bind(lease_secs)
+    .bind(relaxed)
     .execute(pool)
     .await?
     .rows_affected();
@@ -291,13 +305,16 @@ async fn claim(
     }
     // The first attempt died holding the lease: take it over, once.
     let taken = sqlx::query(
-        "UPDATE idempotency_keys SET leased_until = now() + make_interval(secs => $3) \
+        "WITH relaxed AS (SELECT set_config('synchronous_commit', \
+                           CASE WHEN $4 THEN 'off' ELSE current_setting('synchronous_commit') END, true)) \
+         UPDATE idempotency_keys SET leased_until = now() + make_interval(secs => $3) FROM relaxed \
          WHERE user_id = $1 AND key = $2 AND response_status IS NULL \
            AND (leased_until IS NULL OR leased_until <= now())",
     )
     .bind(user_id)
     .bind(key)
     .bind(lease_secs)
+    .bind(relaxed)
     .execute(pool)
     .await?
     .rows_affected();
@@ -315,16 +332,20 @@ async fn store(
     status: StatusCode,
     content_type: Option<&str>,
     body: &[u8],
+    relaxed: bool,
 ) -> Result<(), sqlx::Error> {
     sqlx::query(
-        "UPDATE idempotency_keys SET response_status = $3, response_type = $4, response_body = $5, \
-                leased_until = NULL WHERE user_id = $1 AND key = $2",
+        "WITH relaxed AS (SELECT set_config('synchronous_commit', \
+                           CASE WHEN $6 THEN 'off' ELSE current_setting('synchronous_commit') END, true)) \
+         UPDATE idempotency_keys SET response_status = $3, response_type = $4, response_body = $5, \
+                leased_until = NULL FROM relaxed WHERE user_id = $1 AND key = $2",
     )
     .bind(user_id)
     .bind(key)
     .bind(status.as_u16() as i16)
     .bind(content_type)
     .bind(body)
+    .bind(relaxed)
     .execute(pool)
     .await?;
     Ok(())

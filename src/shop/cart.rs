@@ -105,7 +105,7 @@ struct CachedLine {
     quantity: i64,
 }
 
-fn cart_key(user_id: Uuid) -> String {
+pub(crate) fn cart_key(user_id: Uuid) -> String {
     format!("cart:{user_id}")
 }
 
@@ -183,10 +183,20 @@ async fn cart_view_from_cache(
 
 /// The caller's cart: from the cache when it has it, else from Postgres.
 pub async fn cart_view(state: &AppState, user_id: Uuid) -> Result<CartView, ApiError> {
-    match cart_view_from_cache(state, user_id).await? {
-        Some(view) => Ok(view),
-        None => cart_view_from_postgres(state, user_id).await,
+    if let Some(view) = cart_view_from_cache(state, user_id).await? {
+        return Ok(view);
     }
+    // A checkout empties the cart without waiting for the carts read model
+    // (it drops the cached cart instead), so a miss waits for the read model
+    // to hold every change stored for this cart.
+    let last = state
+        .store
+        .last_position("Cart", &user_id.to_string())
+        .await?;
+    state
+        .read_your_write(projections::carts::NAME, last)
+        .await?;
+    cart_view_from_postgres(state, user_id).await
 }
 
 /// Whether a variant can be put in a cart: it exists and its product is public.

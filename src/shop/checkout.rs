@@ -1,36 +1,34 @@
 //! Checkout: turns the caller's cart into an order that holds its stock.
 //!
-//! All lines or none: lines are reserved one `InventoryItem` at a time in
-//! variant-id order (so two carts never wait on each other in a cycle), and
-//! a shortage gives back what was already taken before answering. The order
-//! id comes from the idempotency key, and a deadline row is written before
-//! anything is reserved, so a checkout that dies half-way is either finished
-//! by its retry or undone by the scheduler.
-
-use std::time::Instant;
+//! The handler prices the cart from the catalog and hands it to the
+//! instance's [`CheckoutCommitter`](super::checkout_commit), which reserves
+//! every line, places the order, empties the cart and writes the order's
+//! deadline in one transaction shared with every other checkout waiting at
+//! that moment. The order id comes from the idempotency key, so a retry
+//! finds the order its first attempt placed. The answer is built from the
+//! decided events; reads of the order and the cart afterwards wait for
+//! their read models where needed (see `orders` and `cart`).
 
 use actix_web::{post, web, HttpRequest, HttpResponse};
 use chrono::{DateTime, Utc};
-use domain::inventory::{InventoryCommand, InventoryError, ReleaseReason};
-use domain::order::{NewOrderLine, OrderCommand, OrderError};
+use domain::inventory::{InventoryCommand, ReleaseReason};
+use domain::order::{NewOrderLine, OrderError, OrderEvent};
 use domain::values::{Currency, Money, Name, Quantity, Sku};
 use uuid::Uuid;
 
-use super::cart::{after_cart_write, cart_lines, CartItem};
-use super::orders::{order_view, OrderView};
+use super::cart::{cart_lines, CartItem};
+use super::checkout_commit::{CheckoutError, CheckoutOutcome, CheckoutRequest};
+use super::orders::{order_view, OrderItem, OrderView};
 use crate::auth::AuthUser;
 use crate::event_store::{CommandError, Metadata};
 use crate::http::idempotency::IdempotencyKey;
 use crate::http::middleware::request_id_of;
-use crate::http::problem::{ApiError, ShortLine};
+use crate::http::problem::ApiError;
 use crate::state::AppState;
 
-/// A cart line priced and ready to become an order line.
-struct CheckoutLine {
-    variant_id: Uuid,
-    quantity: Quantity,
-    order_line: NewOrderLine,
-}
+/// How often a checkout reads the cart again when the cart changed between
+/// the read and the commit.
+const CART_READS: usize = 3;
 
 fn internal(what: &str) -> impl Fn(domain::values::ValueError) -> ApiError + '_ {
     move |error| {
@@ -40,21 +38,21 @@ fn internal(what: &str) -> impl Fn(domain::values::ValueError) -> ApiError + '_ 
     }
 }
 
-fn checkout_line(item: &CartItem) -> Result<CheckoutLine, ApiError> {
+fn order_line(item: &CartItem) -> Result<NewOrderLine, ApiError> {
     let quantity = Quantity::try_from(item.quantity).map_err(internal("quantity"))?;
     let currency = Currency::try_from(item.currency.as_str()).map_err(internal("currency"))?;
-    Ok(CheckoutLine {
+    Ok(NewOrderLine {
         variant_id: item.variant_id,
+        sku: Sku::try_from(item.sku.as_str()).map_err(internal("sku"))?,
+        product_id: item.product_id,
+        product_name: Name::try_from(item.product_name.as_str()).map_err(internal("name"))?,
+        unit_price: Money::new(item.unit_price_cents, currency).map_err(internal("price"))?,
         quantity,
-        order_line: NewOrderLine {
-            variant_id: item.variant_id,
-            sku: Sku::try_from(item.sku.as_str()).map_err(internal("sku"))?,
-            product_id: item.product_id,
-            product_name: Name::try_from(item.product_name.as_str()).map_err(internal("name"))?,
-            unit_price: Money::new(item.unit_price_cents, currency).map_err(internal("price"))?,
-            quantity,
-        },
     })
+}
+
+fn empty_cart() -> ApiError {
+    ApiError::invalid_field("cart", "the cart is empty")
 }
 
 /// Places an order for the caller's cart; see the module docs.
@@ -66,217 +64,123 @@ pub async fn check_out(
     now: DateTime<Utc>,
 ) -> Result<OrderView, ApiError> {
     let order_id = key.derive_id(user.id, "order");
-    // A retry of a checkout that already placed its order (the cart is
-    // empty by now) answers with that order.
-    if let Some(order) = placed_order(state, order_id).await? {
-        return Ok(order);
-    }
-    let items = cart_lines(&state.pool, user.id).await?;
-    if items.is_empty() {
-        return Err(ApiError::invalid_field("cart", "the cart is empty"));
-    }
-    let mut lines = items
-        .iter()
-        .map(checkout_line)
-        .collect::<Result<Vec<_>, _>>()?;
-    lines.sort_by_key(|line| line.variant_id);
-    let currency = Currency::try_from(items[0].currency.as_str()).map_err(internal("currency"))?;
     let expires_at =
         now + chrono::Duration::from_std(state.settings.order_hold).unwrap_or_default();
-
-    record_deadline(state, order_id, user.id, expires_at, &lines).await?;
-    reserve_all(state, order_id, &lines, &items, &metadata).await?;
-
-    let place = OrderCommand::Place {
-        order_id,
-        user_id: user.id,
-        lines: lines.iter().map(|line| line.order_line.clone()).collect(),
-        currency,
-        placed_at: now,
-        expires_at,
-    };
-    let placed = state
-        .orders
-        .execute(&order_id.to_string(), place, metadata.clone())
-        .await;
-    if let Err(error) = placed {
-        release_all(state, order_id, &lines, &metadata).await;
-        return Err(ApiError::from_command(error, order_rejection));
+    for _ in 0..CART_READS {
+        let items = cart_lines(&state.pool, user.id).await?;
+        if items.is_empty() {
+            // A retry of a checkout that got through finds the cart empty.
+            return placed_order(state, order_id).await?.ok_or_else(empty_cart);
+        }
+        let mut lines = items
+            .iter()
+            .map(order_line)
+            .collect::<Result<Vec<_>, _>>()?;
+        lines.sort_by_key(|line| line.variant_id);
+        let currency =
+            Currency::try_from(items[0].currency.as_str()).map_err(internal("currency"))?;
+        let request = CheckoutRequest {
+            order_id,
+            user_id: user.id,
+            lines,
+            currency,
+            placed_at: now,
+            expires_at,
+            metadata: metadata.clone(),
+        };
+        let outcome = state
+            .checkouts
+            .check_out(request)
+            .await
+            .map_err(|error| match error {
+                CheckoutError::Contention => {
+                    ApiError::from_command(CommandError::<OrderError>::Contention, order_rejection)
+                }
+                CheckoutError::Store(message) => ApiError::internal(anyhow::anyhow!(message)),
+            })?;
+        match outcome {
+            CheckoutOutcome::Placed { placed, .. } => return placed_view(placed),
+            CheckoutOutcome::AlreadyPlaced => {
+                return placed_order(state, order_id).await?.ok_or_else(|| {
+                    ApiError::internal(anyhow::anyhow!("order {order_id} placed but not found"))
+                })
+            }
+            CheckoutOutcome::CartEmpty => return Err(empty_cart()),
+            CheckoutOutcome::Short(lines) => return Err(ApiError::InsufficientStock { lines }),
+            CheckoutOutcome::Refused(error) => return Err(order_rejection(error)),
+            CheckoutOutcome::CartChanged => {
+                // The carts read model was behind the cart: read it again
+                // once it has every stored change.
+                let last = state
+                    .store
+                    .last_position("Cart", &user.id.to_string())
+                    .await?;
+                state
+                    .read_your_write(projections::carts::NAME, last)
+                    .await?;
+            }
+        }
     }
-    let emptied = state
-        .carts
-        .execute(
-            &user.id.to_string(),
-            domain::cart::CartCommand::CheckOut { order_id },
-            metadata,
-        )
-        .await
-        .map_err(|error| {
-            ApiError::from_command(error, |e| ApiError::internal(anyhow::anyhow!(e)))
-        })?;
-    after_cart_write(state, user.id, emptied.position).await?;
-    placed_order(state, order_id)
-        .await?
-        .ok_or_else(|| ApiError::internal(anyhow::anyhow!("order {order_id} placed but not found")))
+    Err(ApiError::Conflict(
+        "the cart kept changing during checkout; try again".into(),
+    ))
+}
+
+/// The order as the read model will show it, from its `OrderPlaced` event.
+fn placed_view(placed: OrderEvent) -> Result<OrderView, ApiError> {
+    let OrderEvent::OrderPlaced {
+        order_id,
+        user_id,
+        lines,
+        currency,
+        total_cents,
+        placed_at,
+        expires_at,
+    } = placed
+    else {
+        return Err(ApiError::internal(anyhow::anyhow!(
+            "a checkout decided something other than OrderPlaced"
+        )));
+    };
+    let items = lines
+        .into_iter()
+        .map(|line| OrderItem {
+            variant_id: line.variant_id,
+            sku: line.sku.as_str().to_owned(),
+            product_name: line.product_name.as_str().to_owned(),
+            unit_price_cents: line.unit_price_cents,
+            quantity: i64::from(line.quantity),
+            line_total_cents: line.line_total_cents,
+        })
+        .collect();
+    Ok(OrderView {
+        id: order_id,
+        status: "created".to_owned(),
+        cancel_reason: None,
+        items,
+        total_cents,
+        currency: currency.as_str().to_owned(),
+        payment_intent_id: None,
+        expires_at,
+        created_at: placed_at,
+        updated_at: placed_at,
+        user_id,
+    })
 }
 
 /// The order as the read model shows it, once its events are applied.
 async fn placed_order(state: &AppState, order_id: Uuid) -> Result<Option<OrderView>, ApiError> {
-    let last: Option<(i64, i64)> = sqlx::query_as(
-        "SELECT txid, position FROM events WHERE aggregate_type = 'Order' AND aggregate_id = $1 \
-         ORDER BY sequence DESC LIMIT 1",
-    )
-    .bind(order_id.to_string())
-    .fetch_optional(&state.pool)
-    .await?;
-    let Some((txid, position)) = last else {
+    let Some(last) = state
+        .store
+        .last_position("Order", &order_id.to_string())
+        .await?
+    else {
         return Ok(None);
     };
-    let last = projections::GlobalPosition { txid, position };
     state
         .read_your_write(projections::orders::NAME, Some(last))
         .await?;
     Ok(order_view(&state.pool, order_id).await?)
-}
-
-async fn record_deadline(
-    state: &AppState,
-    order_id: Uuid,
-    user_id: Uuid,
-    due_at: DateTime<Utc>,
-    lines: &[CheckoutLine],
-) -> Result<(), ApiError> {
-    let variant_ids: Vec<Uuid> = lines.iter().map(|line| line.variant_id).collect();
-    sqlx::query(
-        "INSERT INTO order_deadlines (order_id, user_id, due_at, variant_ids) VALUES ($1, $2, $3, $4) \
-         ON CONFLICT (order_id) DO NOTHING",
-    )
-    .bind(order_id)
-    .bind(user_id)
-    .bind(due_at)
-    .bind(&variant_ids)
-    .execute(&state.pool)
-    .await?;
-    Ok(())
-}
-
-/// Reserves every line or none; on a shortage, reports every short line.
-async fn reserve_all(
-    state: &AppState,
-    order_id: Uuid,
-    lines: &[CheckoutLine],
-    items: &[CartItem],
-    metadata: &Metadata,
-) -> Result<(), ApiError> {
-    for (index, line) in lines.iter().enumerate() {
-        let reserve = InventoryCommand::Reserve {
-            order_id,
-            quantity: line.quantity,
-        };
-        let outcome = state
-            .inventory
-            .execute(&line.variant_id.to_string(), reserve, metadata.clone())
-            .await;
-        let failure = match outcome {
-            Ok(_) => continue,
-            Err(CommandError::Rejected(InventoryError::InsufficientStock {
-                requested,
-                available,
-            })) => ApiError::InsufficientStock {
-                lines: short_lines(
-                    line.variant_id,
-                    requested,
-                    available,
-                    &lines[index + 1..],
-                    items,
-                ),
-            },
-            Err(CommandError::Rejected(InventoryError::NotRegistered)) => {
-                ApiError::InsufficientStock {
-                    lines: short_lines(
-                        line.variant_id,
-                        line.quantity.get(),
-                        0,
-                        &lines[index + 1..],
-                        items,
-                    ),
-                }
-            }
-            Err(error) => ApiError::from_command(error, |e| ApiError::internal(anyhow::anyhow!(e))),
-        };
-        let compensating = Instant::now();
-        let variant_ids: Vec<Uuid> = lines[..index].iter().map(|line| line.variant_id).collect();
-        let released = release_variants(
-            state,
-            order_id,
-            &variant_ids,
-            ReleaseReason::CheckoutAborted,
-            metadata,
-        )
-        .await;
-        if released.is_ok() {
-            sqlx::query("DELETE FROM order_deadlines WHERE order_id = $1")
-                .bind(order_id)
-                .execute(&state.pool)
-                .await?;
-        }
-        // How long a failed checkout held stock it could not keep.
-        metrics::histogram!("checkout_compensation_duration_seconds")
-            .record(compensating.elapsed().as_secs_f64());
-        return Err(failure);
-    }
-    Ok(())
-}
-
-/// The line that failed, plus any later line the read model already shows
-/// as short, so the buyer learns about all of them at once.
-fn short_lines(
-    variant_id: Uuid,
-    requested: u32,
-    available: u32,
-    later: &[CheckoutLine],
-    items: &[CartItem],
-) -> Vec<ShortLine> {
-    let mut short = vec![ShortLine {
-        variant_id,
-        requested,
-        available,
-    }];
-    for line in later {
-        let shown = items
-            .iter()
-            .find(|item| item.variant_id == line.variant_id)
-            .map_or(0, |item| {
-                item.available.clamp(0, i64::from(u32::MAX)) as u32
-            });
-        if shown < line.quantity.get() {
-            short.push(ShortLine {
-                variant_id: line.variant_id,
-                requested: line.quantity.get(),
-                available: shown,
-            });
-        }
-    }
-    short
-}
-
-/// Gives back whatever `order_id` holds on these lines (idempotent).
-async fn release_all(
-    state: &AppState,
-    order_id: Uuid,
-    lines: &[CheckoutLine],
-    metadata: &Metadata,
-) {
-    let variant_ids: Vec<Uuid> = lines.iter().map(|line| line.variant_id).collect();
-    // On failure the deadline row stays, so the scheduler releases it later.
-    let _ = release_variants(
-        state,
-        order_id,
-        &variant_ids,
-        ReleaseReason::CheckoutAborted,
-        metadata,
-    )
-    .await;
 }
 
 /// Releases the order's hold on each variant, trying every one; the first

@@ -2,6 +2,7 @@
 
 pub mod cart;
 pub mod checkout;
+pub mod checkout_commit;
 pub mod orders;
 pub mod payment;
 

@@ -121,15 +121,45 @@ pub async fn order_view(pool: &PgPool, order_id: Uuid) -> Result<Option<OrderVie
 }
 
 /// The caller's order; another user's order does not exist for them.
+/// Checkout answers before the orders read model has the order, so an order
+/// missing there but present in the event store is waited for.
 pub async fn own_order(
-    pool: &PgPool,
+    state: &AppState,
     user: AuthUser,
     order_id: Uuid,
 ) -> Result<OrderView, ApiError> {
-    match order_view(pool, order_id).await? {
+    let mut order = order_view(&state.pool, order_id).await?;
+    if order.is_none() {
+        let last = state
+            .store
+            .last_position("Order", &order_id.to_string())
+            .await?;
+        if last.is_some() {
+            state
+                .read_your_write(projections::orders::NAME, last)
+                .await?;
+            order = order_view(&state.pool, order_id).await?;
+        }
+    }
+    match order {
         Some(order) if order.user_id == user.id => Ok(order),
         _ => Err(ApiError::not_found("order")),
     }
+}
+
+/// Waits until the orders read model holds every order the user placed, so
+/// a list read right after a checkout shows it.
+async fn wait_for_placed_orders(state: &AppState, user_id: Uuid) -> Result<(), ApiError> {
+    let last: Option<(i64, i64)> = sqlx::query_as(
+        "SELECT txid, position FROM events \
+         WHERE event_type = 'OrderPlaced' AND payload->>'user_id' = $1 \
+         ORDER BY position DESC LIMIT 1",
+    )
+    .bind(user_id.to_string())
+    .fetch_optional(&state.pool)
+    .await?;
+    let last = last.map(|(txid, position)| projections::GlobalPosition { txid, position });
+    state.read_your_write(projections::orders::NAME, last).await
 }
 
 #[derive(Serialize, ToSchema)]
@@ -150,6 +180,7 @@ pub async fn my_orders(
     query: Query<PageQuery>,
 ) -> Result<HttpResponse, ApiError> {
     let paging = Paging::try_from(query.0)?;
+    wait_for_placed_orders(&state, user.id).await?;
     let total: i64 = sqlx::query_scalar("SELECT count(*) FROM orders WHERE user_id = $1")
         .bind(user.id)
         .fetch_one(&state.pool)
@@ -191,7 +222,7 @@ pub async fn my_order(
     user: AuthUser,
     order_id: web::Path<Uuid>,
 ) -> Result<HttpResponse, ApiError> {
-    Ok(HttpResponse::Ok().json(own_order(&state.pool, user, order_id.into_inner()).await?))
+    Ok(HttpResponse::Ok().json(own_order(&state, user, order_id.into_inner()).await?))
 }
 
 pub fn configure(config: &mut web::ServiceConfig) {

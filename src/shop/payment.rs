@@ -385,7 +385,7 @@ pub async fn create_payment_intent(
     key: IdempotencyKey,
     body: Json<PaymentIntentRequest>,
 ) -> Result<HttpResponse, ApiError> {
-    let order = own_order(&state.pool, user, body.0.order_id).await?;
+    let order = own_order(&state, user, body.0.order_id).await?;
     if !matches!(order.status.as_str(), "created" | "payment_pending") {
         return Err(ApiError::Conflict(format!(
             "the order is {} and cannot be paid",
@@ -451,7 +451,7 @@ pub async fn confirm_payment(
     key: IdempotencyKey,
     body: Json<ConfirmPaymentRequest>,
 ) -> Result<HttpResponse, ApiError> {
-    let order = own_order(&state.pool, user, body.0.order_id).await?;
+    let order = own_order(&state, user, body.0.order_id).await?;
     let intent = match state
         .payments
         .retrieve_intent(&body.0.payment_intent_id)
@@ -480,9 +480,7 @@ pub async fn confirm_payment(
     let metadata =
         Metadata::user(user.id, request_id_of(&request)).with_idempotency_key(Some(key.0));
     match settle_paid(&state, order.id, &intent, &metadata).await? {
-        Settlement::Paid => {
-            Ok(HttpResponse::Ok().json(own_order(&state.pool, user, order.id).await?))
-        }
+        Settlement::Paid => Ok(HttpResponse::Ok().json(own_order(&state, user, order.id).await?)),
         Settlement::Refunded => Err(ApiError::Conflict(
             "the order expired and its stock is gone; the payment was refunded".into(),
         )),
@@ -568,7 +566,7 @@ pub async fn fake_payment(
     };
     let intent = state.payments.retrieve_intent(&intent_id).await?;
     let owned = match intent.order_id {
-        Some(order_id) => own_order(&state.pool, user, order_id).await.is_ok(),
+        Some(order_id) => own_order(&state, user, order_id).await.is_ok(),
         None => false,
     };
     if !owned {

@@ -94,14 +94,16 @@ async fn payment_intent_for(app: &TestApp, buyer: &TestUser, order_id: &str, key
 
 /// The variant's stock rebuilt from its events (the audit API).
 async fn stock(app: &TestApp, admin: &TestUser, variant_id: Uuid) -> Value {
-    app.get_as(
-        &format!("/api/v1/audit/inventory/{variant_id}"),
-        &admin.access_token,
-    )
-    .await
-    .json()
-    .await
-    .unwrap()
+    let response = app
+        .get_as(
+            &format!("/api/v1/audit/inventory/{variant_id}"),
+            &admin.access_token,
+        )
+        .await;
+    let status = response.status();
+    let body = response.text().await.unwrap();
+    assert_eq!(status, 200, "audit/inventory answered {body}");
+    serde_json::from_str(&body).unwrap()
 }
 
 fn counts(stock: &Value) -> (u64, u64, u64) {

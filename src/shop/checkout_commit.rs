@@ -1,0 +1,609 @@
+//! One transaction for many checkouts: the flash-sale write path.
+//!
+//! A checkout touches three kinds of aggregate: an `InventoryItem` per line
+//! (reserve), a new `Order` (place) and the buyer's `Cart` (check out). Done
+//! as separate commands that is several commits per buyer, a compensation
+//! when a later line is short, and a conflict storm on the one hot item.
+//! Here one task per server instance takes every checkout that is waiting,
+//! decides them one after another against in-memory copies of the items and
+//! carts, and stores all of their events, and their deadline rows, in one
+//! transaction. A checkout is all or nothing inside that transaction, so a
+//! short line never holds stock it has to give back.
+//!
+//! Across instances the transaction first takes an advisory lock per item
+//! (in item-id order, so two batches never wait on each other in a cycle)
+//! and only then reads what other writers stored since its copies were
+//! taken: instances take turns on a hot item instead of racing for its next
+//! sequence. The lock is only a courtesy; correctness still rests on the
+//! events' primary key, so a writer that does not take it (the command bus,
+//! releasing or committing stock) makes the batch conflict, and the batch is
+//! decided again after a short jittered pause, a bounded number of times.
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use cqrs_es::Aggregate;
+use domain::cart::{Cart, CartCommand, CartError, CartEvent};
+use domain::inventory::{InventoryCommand, InventoryError, InventoryItem};
+use domain::order::{NewOrderLine, Order, OrderCommand, OrderError, OrderEvent};
+use domain::values::{Currency, Quantity};
+use domain::Decider;
+use projections::{GlobalPosition, StoredEvent};
+use rand::Rng;
+use sqlx::{PgConnection, PgPool};
+use tokio::sync::{mpsc, oneshot};
+use uuid::Uuid;
+
+use crate::event_store::{serialize_events, AppendError, EventStore, Metadata, NewEvent};
+use crate::http::problem::ShortLine;
+use crate::shop::cart::cart_key;
+use projections::cache::VersionedCache;
+
+/// Checkouts decided and stored together, at most.
+const MAX_BATCH: usize = 512;
+/// Tries per batch before its callers hear `Contention`.
+const MAX_ATTEMPTS: u32 = 8;
+/// Aggregates kept in memory per kind; past this the copies are dropped and
+/// reloaded on demand (they are only a head start, never the truth).
+const MAX_CACHED: usize = 100_000;
+
+/// One buyer's checkout, priced from the catalog by the caller.
+#[derive(Debug, Clone)]
+pub struct CheckoutRequest {
+    pub order_id: Uuid,
+    pub user_id: Uuid,
+    /// Sorted by variant id, one line per variant.
+    pub lines: Vec<NewOrderLine>,
+    pub currency: Currency,
+    pub placed_at: DateTime<Utc>,
+    pub expires_at: DateTime<Utc>,
+    pub metadata: Metadata,
+}
+
+/// What became of a checkout.
+#[derive(Debug)]
+pub enum CheckoutOutcome {
+    /// The order was placed with these events, its stock is held.
+    Placed {
+        placed: OrderEvent,
+        position: GlobalPosition,
+    },
+    /// This order id exists already (a retry of a checkout that got through).
+    AlreadyPlaced,
+    /// Nothing to check out.
+    CartEmpty,
+    /// The cart holds other lines than the ones the caller priced: read it
+    /// again and retry.
+    CartChanged,
+    /// At least one line is short; every short line is listed.
+    Short(Vec<ShortLine>),
+    /// The order itself was refused (mixed currencies, say).
+    Refused(OrderError),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CheckoutError {
+    #[error("other writers kept winning the race for these items; try again")]
+    Contention,
+    #[error("event store failure: {0}")]
+    Store(String),
+}
+
+type Reply = oneshot::Sender<Result<CheckoutOutcome, CheckoutError>>;
+
+struct Job {
+    request: CheckoutRequest,
+    reply: Reply,
+}
+
+/// Hands checkouts to this instance's committing task.
+#[derive(Clone)]
+pub struct CheckoutCommitter {
+    queue: mpsc::Sender<Job>,
+}
+
+impl CheckoutCommitter {
+    /// Starts the committing task on the current runtime.
+    pub fn start(store: EventStore, cached_carts: VersionedCache) -> Self {
+        let (queue, receiver) = mpsc::channel(8192);
+        let worker = Worker {
+            pool: store.pool().clone(),
+            store,
+            items: HashMap::new(),
+            carts: HashMap::new(),
+            cached_carts,
+        };
+        tokio::spawn(worker.run(receiver));
+        Self { queue }
+    }
+
+    pub async fn check_out(
+        &self,
+        request: CheckoutRequest,
+    ) -> Result<CheckoutOutcome, CheckoutError> {
+        let (reply, answer) = oneshot::channel();
+        self.queue
+            .send(Job { request, reply })
+            .await
+            .map_err(|_| CheckoutError::Store("the checkout committer stopped".into()))?;
+        answer.await.unwrap_or_else(|_| {
+            Err(CheckoutError::Store(
+                "the checkout committer stopped".into(),
+            ))
+        })
+    }
+}
+
+/// An aggregate as of `version`.
+#[derive(Clone, Default)]
+struct Versioned<A> {
+    state: A,
+    version: i64,
+}
+
+struct Worker {
+    pool: PgPool,
+    store: EventStore,
+    items: HashMap<Uuid, Versioned<InventoryItem>>,
+    carts: HashMap<Uuid, Versioned<Cart>>,
+    /// Carts checked out are dropped from here (by a tombstone at their new
+    /// version) before the buyers hear back, so no cached cart outlives it.
+    cached_carts: VersionedCache,
+}
+
+/// What one attempt at a batch produced.
+enum Attempt {
+    Committed(Vec<Result<CheckoutOutcome, CheckoutError>>),
+    Conflict,
+}
+
+/// The batch's working copies, which become the worker's only on commit.
+struct Working {
+    items: HashMap<Uuid, Versioned<InventoryItem>>,
+    carts: HashMap<Uuid, Versioned<Cart>>,
+    existing_orders: HashSet<Uuid>,
+}
+
+/// One decided checkout, before the batch is stored.
+enum Decision {
+    Done(CheckoutOutcome),
+    Failed(String),
+    Place {
+        events: Vec<NewEvent>,
+        placed: OrderEvent,
+        deadline: Deadline,
+        cart: (Uuid, i64),
+    },
+}
+
+/// A checkout's answer, waiting for the batch to commit.
+enum Pending {
+    Done(Result<CheckoutOutcome, CheckoutError>),
+    Placed(OrderEvent),
+}
+
+struct Deadline {
+    order_id: Uuid,
+    user_id: Uuid,
+    due_at: DateTime<Utc>,
+    variant_ids: Vec<Uuid>,
+}
+
+impl Worker {
+    async fn run(mut self, mut queue: mpsc::Receiver<Job>) {
+        while let Some(first) = queue.recv().await {
+            let mut jobs = vec![first];
+            while jobs.len() < MAX_BATCH {
+                match queue.try_recv() {
+                    Ok(job) => jobs.push(job),
+                    Err(_) => break,
+                }
+            }
+            metrics::histogram!("checkout_batch_size").record(jobs.len() as f64);
+            self.commit(jobs).await;
+        }
+    }
+
+    async fn commit(&mut self, jobs: Vec<Job>) {
+        let requests: Vec<&CheckoutRequest> = jobs.iter().map(|job| &job.request).collect();
+        let mut attempt = 0;
+        let answers = loop {
+            attempt += 1;
+            match self.attempt(&requests).await {
+                Ok(Attempt::Committed(answers)) => break answers,
+                Ok(Attempt::Conflict) if attempt < MAX_ATTEMPTS => {
+                    let pause = rand::rng().random_range(1..=(1u64 << attempt.min(5)));
+                    tokio::time::sleep(Duration::from_millis(pause)).await;
+                }
+                Ok(Attempt::Conflict) => {
+                    break requests
+                        .iter()
+                        .map(|_| Err(CheckoutError::Contention))
+                        .collect::<Vec<_>>()
+                }
+                Err(error) => {
+                    tracing::error!(%error, "checkout batch failed");
+                    // The commit may or may not have happened: start over
+                    // from the store next time.
+                    self.items.clear();
+                    self.carts.clear();
+                    let message = error.to_string();
+                    break requests
+                        .iter()
+                        .map(|_| Err(CheckoutError::Store(message.clone())))
+                        .collect();
+                }
+            }
+        };
+        for (job, answer) in jobs.into_iter().zip(answers) {
+            let _ = job.reply.send(answer);
+        }
+    }
+
+    async fn attempt(&mut self, requests: &[&CheckoutRequest]) -> Result<Attempt, sqlx::Error> {
+        let mut transaction = self.pool.begin().await?;
+        let item_ids: BTreeSet<Uuid> = requests
+            .iter()
+            .flat_map(|request| request.lines.iter().map(|line| line.variant_id))
+            .collect();
+        lock_items(&mut transaction, &item_ids).await?;
+        let mut working = self.load(&mut transaction, requests, &item_ids).await?;
+
+        let mut events = Vec::new();
+        let mut deadlines = Vec::new();
+        let mut checked_out = Vec::new();
+        let mut decisions = Vec::with_capacity(requests.len());
+        for request in requests {
+            match decide(&mut working, request) {
+                Decision::Done(outcome) => decisions.push(Pending::Done(Ok(outcome))),
+                Decision::Failed(error) => {
+                    decisions.push(Pending::Done(Err(CheckoutError::Store(error))))
+                }
+                Decision::Place {
+                    events: placed_events,
+                    placed,
+                    deadline,
+                    cart,
+                } => {
+                    events.extend(placed_events);
+                    deadlines.push(deadline);
+                    checked_out.push(cart);
+                    decisions.push(Pending::Placed(placed));
+                }
+            }
+        }
+        let position = match self.store.append_within(&mut transaction, &events).await {
+            Ok(position) => position,
+            Err(AppendError::Conflict) => return Ok(Attempt::Conflict),
+            Err(AppendError::Database(error)) => return Err(error),
+        };
+        insert_deadlines(&mut transaction, &deadlines).await?;
+        transaction.commit().await?;
+
+        if position.is_some() {
+            self.store.signal_appended();
+        }
+        self.keep(working);
+        let cached_carts = &self.cached_carts;
+        let tombstones = checked_out.iter().map(|(user_id, version)| {
+            let key = cart_key(*user_id);
+            async move { cached_carts.invalidate(&key, *version).await }
+        });
+        futures_util::future::join_all(tombstones).await;
+        let outcomes = decisions
+            .into_iter()
+            .map(|decision| match (decision, position) {
+                (Pending::Done(answer), _) => answer,
+                (Pending::Placed(placed), Some(position)) => {
+                    Ok(CheckoutOutcome::Placed { placed, position })
+                }
+                // A placed order always stores events, so there is a position.
+                (Pending::Placed(_), None) => Ok(CheckoutOutcome::AlreadyPlaced),
+            })
+            .collect();
+        Ok(Attempt::Committed(outcomes))
+    }
+
+    /// Copies of every aggregate the batch touches, brought up to date
+    /// inside the transaction (after the locks, so nothing a lock holder
+    /// stored before us is missed).
+    async fn load(
+        &self,
+        connection: &mut PgConnection,
+        requests: &[&CheckoutRequest],
+        item_ids: &BTreeSet<Uuid>,
+    ) -> Result<Working, sqlx::Error> {
+        let mut items: HashMap<Uuid, Versioned<InventoryItem>> = item_ids
+            .iter()
+            .map(|id| (*id, self.items.get(id).cloned().unwrap_or_default()))
+            .collect();
+        let mut carts: HashMap<Uuid, Versioned<Cart>> = requests
+            .iter()
+            .map(|request| {
+                let copy = self.carts.get(&request.user_id).cloned();
+                (request.user_id, copy.unwrap_or_default())
+            })
+            .collect();
+        let mut keys = Vec::new();
+        keys.extend(
+            items
+                .iter()
+                .map(|(id, copy)| ("InventoryItem", *id, copy.version)),
+        );
+        keys.extend(carts.iter().map(|(id, copy)| ("Cart", *id, copy.version)));
+        keys.extend(
+            requests
+                .iter()
+                .map(|request| ("Order", request.order_id, 0)),
+        );
+
+        let mut existing_orders = HashSet::new();
+        for event in events_after(connection, &keys).await? {
+            let Ok(id) = event.aggregate_id.parse::<Uuid>() else {
+                continue;
+            };
+            match event.aggregate_type.as_str() {
+                "InventoryItem" => fold(items.get_mut(&id), &event)?,
+                "Cart" => fold(carts.get_mut(&id), &event)?,
+                _ => {
+                    existing_orders.insert(id);
+                }
+            }
+        }
+        Ok(Working {
+            items,
+            carts,
+            existing_orders,
+        })
+    }
+
+    fn keep(&mut self, working: Working) {
+        if self.items.len() > MAX_CACHED {
+            self.items.clear();
+        }
+        if self.carts.len() > MAX_CACHED {
+            self.carts.clear();
+        }
+        self.items.extend(working.items);
+        self.carts.extend(working.carts);
+    }
+}
+
+fn fold<A: Aggregate>(
+    copy: Option<&mut Versioned<A>>,
+    event: &StoredEvent,
+) -> Result<(), sqlx::Error>
+where
+    A::Event: serde::de::DeserializeOwned,
+{
+    let Some(copy) = copy else { return Ok(()) };
+    let decoded: A::Event = event
+        .decode()
+        .map_err(|error| sqlx::Error::Decode(Box::new(error)))?;
+    copy.state.apply(decoded);
+    copy.version = event.sequence;
+    Ok(())
+}
+
+/// Decides one checkout against the working copies, applying its events to
+/// them if it goes through.
+fn decide(working: &mut Working, request: &CheckoutRequest) -> Decision {
+    let order_id = request.order_id;
+    if working.existing_orders.contains(&order_id) {
+        return Decision::Done(CheckoutOutcome::AlreadyPlaced);
+    }
+    let cart = working.carts.entry(request.user_id).or_default();
+    let cart_events = match cart.state.decide(CartCommand::CheckOut { order_id }) {
+        Ok(events) if events.is_empty() => return Decision::Done(CheckoutOutcome::AlreadyPlaced),
+        Ok(events) => events,
+        Err(CartError::Empty) => return Decision::Done(CheckoutOutcome::CartEmpty),
+        Err(CartError::QuantityTooLarge { .. }) => {
+            return Decision::Done(CheckoutOutcome::CartChanged)
+        }
+    };
+    if !cart_matches(&cart_events, &request.lines) {
+        return Decision::Done(CheckoutOutcome::CartChanged);
+    }
+
+    // Every line is decided against the copies as they are before this
+    // checkout (lines are distinct variants), so a short line leaves nothing
+    // to undo and all short lines are found.
+    let mut reservations = Vec::with_capacity(request.lines.len());
+    let mut short = Vec::new();
+    for line in &request.lines {
+        let item = working.items.entry(line.variant_id).or_default();
+        let quantity = line.quantity;
+        match item
+            .state
+            .decide(InventoryCommand::Reserve { order_id, quantity })
+        {
+            Ok(events) => reservations.push((line.variant_id, events)),
+            Err(InventoryError::InsufficientStock {
+                requested,
+                available,
+            }) => short.push(ShortLine {
+                variant_id: line.variant_id,
+                requested,
+                available,
+            }),
+            Err(_not_sellable) => short.push(ShortLine {
+                variant_id: line.variant_id,
+                requested: quantity.get(),
+                available: 0,
+            }),
+        }
+    }
+    if !short.is_empty() {
+        return Decision::Done(CheckoutOutcome::Short(short));
+    }
+    let place = OrderCommand::Place {
+        order_id,
+        user_id: request.user_id,
+        lines: request.lines.clone(),
+        currency: request.currency.clone(),
+        placed_at: request.placed_at,
+        expires_at: request.expires_at,
+    };
+    let order_events = match Order::default().decide(place) {
+        Ok(events) => events,
+        Err(error) => return Decision::Done(CheckoutOutcome::Refused(error)),
+    };
+    let Some(placed) = order_events.first().cloned() else {
+        return Decision::Done(CheckoutOutcome::AlreadyPlaced);
+    };
+
+    let mut events = Vec::new();
+    let metadata = &request.metadata;
+    let serialized = (|| -> Result<(), serde_json::Error> {
+        for (variant_id, item_events) in &reservations {
+            let item = working.items.entry(*variant_id).or_default();
+            events.extend(serialize_events::<InventoryItem>(
+                &variant_id.to_string(),
+                item_events,
+                item.version,
+                metadata,
+            )?);
+        }
+        events.extend(serialize_events::<Order>(
+            &order_id.to_string(),
+            &order_events,
+            0,
+            metadata,
+        )?);
+        let cart = working.carts.entry(request.user_id).or_default();
+        events.extend(serialize_events::<Cart>(
+            &request.user_id.to_string(),
+            &cart_events,
+            cart.version,
+            metadata,
+        )?);
+        Ok(())
+    })();
+    if let Err(error) = serialized {
+        return Decision::Failed(format!("checkout events could not be serialized: {error}"));
+    }
+
+    for (variant_id, item_events) in reservations {
+        let item = working.items.entry(variant_id).or_default();
+        item.version += item_events.len() as i64;
+        for event in item_events {
+            item.state.apply(event);
+        }
+    }
+    let cart = working.carts.entry(request.user_id).or_default();
+    cart.version += cart_events.len() as i64;
+    for event in cart_events {
+        cart.state.apply(event);
+    }
+    working.existing_orders.insert(order_id);
+    Decision::Place {
+        events,
+        placed,
+        deadline: Deadline {
+            order_id,
+            user_id: request.user_id,
+            due_at: request.expires_at,
+            variant_ids: request.lines.iter().map(|line| line.variant_id).collect(),
+        },
+        cart: (request.user_id, cart.version),
+    }
+}
+
+/// Whether the cart would check out exactly the lines the caller priced.
+fn cart_matches(cart_events: &[CartEvent], lines: &[NewOrderLine]) -> bool {
+    let Some(CartEvent::CartCheckedOut {
+        lines: cart_lines, ..
+    }) = cart_events.first()
+    else {
+        return false;
+    };
+    cart_lines.len() == lines.len()
+        && cart_lines.iter().all(|cart_line| {
+            lines.iter().any(|line| {
+                line.variant_id == cart_line.variant_id
+                    && Quantity::try_from(i64::from(cart_line.quantity)).ok() == Some(line.quantity)
+            })
+        })
+}
+
+/// Takes the batch's item locks in id order (the caller sorted them).
+async fn lock_items(
+    connection: &mut PgConnection,
+    item_ids: &BTreeSet<Uuid>,
+) -> Result<(), sqlx::Error> {
+    let ids: Vec<String> = item_ids.iter().map(Uuid::to_string).collect();
+    sqlx::query(
+        "SELECT pg_advisory_xact_lock(hashtextextended('InventoryItem/' || id, 0)) \
+         FROM unnest($1::text[]) WITH ORDINALITY AS ids(id, n) ORDER BY n",
+    )
+    .bind(&ids)
+    .execute(connection)
+    .await?;
+    Ok(())
+}
+
+/// Every stored event after the given version of each aggregate, in order.
+async fn events_after(
+    connection: &mut PgConnection,
+    keys: &[(&'static str, Uuid, i64)],
+) -> Result<Vec<StoredEvent>, sqlx::Error> {
+    let types: Vec<&str> = keys.iter().map(|key| key.0).collect();
+    let ids: Vec<String> = keys.iter().map(|key| key.1.to_string()).collect();
+    let after: Vec<i64> = keys.iter().map(|key| key.2).collect();
+    sqlx::query_as::<_, StoredEvent>(&format!(
+        "SELECT {} FROM UNNEST($1::text[], $2::text[], $3::bigint[]) AS k(aggregate_type, aggregate_id, after) \
+         JOIN events e ON e.aggregate_type = k.aggregate_type AND e.aggregate_id = k.aggregate_id \
+                      AND e.sequence > k.after \
+         ORDER BY e.aggregate_type, e.aggregate_id, e.sequence",
+        qualified_columns()
+    ))
+    .bind(&types)
+    .bind(&ids)
+    .bind(&after)
+    .fetch_all(connection)
+    .await
+}
+
+fn qualified_columns() -> String {
+    projections::stored_event::STORED_EVENT_COLUMNS
+        .split(',')
+        .map(|column| format!("e.{}", column.trim()))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+async fn insert_deadlines(
+    connection: &mut PgConnection,
+    deadlines: &[Deadline],
+) -> Result<(), sqlx::Error> {
+    if deadlines.is_empty() {
+        return Ok(());
+    }
+    // Variant ids travel as one text per order (Postgres has no array of
+    // arrays of different lengths); the cast rebuilds each uuid[].
+    let order_ids: Vec<Uuid> = deadlines.iter().map(|d| d.order_id).collect();
+    let user_ids: Vec<Uuid> = deadlines.iter().map(|d| d.user_id).collect();
+    let due: Vec<DateTime<Utc>> = deadlines.iter().map(|d| d.due_at).collect();
+    let variants: Vec<String> = deadlines
+        .iter()
+        .map(|d| {
+            let ids: Vec<String> = d.variant_ids.iter().map(Uuid::to_string).collect();
+            format!("{{{}}}", ids.join(","))
+        })
+        .collect();
+    sqlx::query(
+        "INSERT INTO order_deadlines (order_id, user_id, due_at, variant_ids) \
+         SELECT order_id, user_id, due_at, variant_ids::uuid[] \
+         FROM UNNEST($1::uuid[], $2::uuid[], $3::timestamptz[], $4::text[]) \
+              AS d(order_id, user_id, due_at, variant_ids) \
+         ON CONFLICT (order_id) DO NOTHING",
+    )
+    .bind(&order_ids)
+    .bind(&user_ids)
+    .bind(&due)
+    .bind(&variants)
+    .execute(connection)
+    .await?;
+    Ok(())
+}
