@@ -157,6 +157,41 @@ impl VersionedCache {
         self.write(name, version, Mode::Tombstone, "").await;
     }
 
+    /// [`VersionedCache::invalidate`] for many entries in one round trip
+    /// (a pipeline of the write script by its hash).
+    pub async fn invalidate_many(&self, entries: &[(String, i64)]) {
+        let Some(mut connection) = self.connection.clone() else {
+            return;
+        };
+        if entries.is_empty() {
+            return;
+        }
+        let mut pipeline = redis::pipe();
+        for (name, version) in entries {
+            pipeline
+                .cmd("EVALSHA")
+                .arg(self.script.get_hash())
+                .arg(1)
+                .arg(self.key(name))
+                .arg(version)
+                .arg("tombstone")
+                .arg("")
+                .arg(self.ttl_millis())
+                .ignore();
+        }
+        let reply =
+            tokio::time::timeout(CALL_TIMEOUT, pipeline.query_async::<()>(&mut connection)).await;
+        if let Ok(Err(_)) = reply {
+            // Most likely NOSCRIPT (Redis restarted and forgot the script):
+            // the one-by-one path loads it.
+            for (name, version) in entries {
+                self.invalidate(name, *version).await;
+            }
+            return;
+        }
+        let _ = self.outcome("(tombstones)", reply);
+    }
+
     /// A plain string entry (for mappings that never change, such as a slug
     /// to its product's id).
     pub async fn get_text(&self, name: &str) -> Option<String> {

@@ -777,7 +777,7 @@ async fn event_diagnostics(
     let created = checkout.latencies_created();
     let refused = checkout.latencies_refused();
     lines.push(format!(
-        "a 201 takes p50 {} vs p50 {} for a refusal: the difference is the order, the cart and the read-your-writes waits",
+        "a 201 takes p50 {} vs p50 {} for a refusal: refusals come after the sell-out, when batches store nothing and the machine has less to do",
         super::load::ms(created.p50),
         super::load::ms(refused.p50)
     ));

@@ -8,4 +8,4 @@ mod repository;
 
 pub use executor::{serialize_events, CommandBus, CommandError, Executed};
 pub use metadata::{Actor, Metadata};
-pub use repository::{AppendError, EventStore, NewEvent};
+pub use repository::{appended, AppendError, EventColumns, EventStore, NewEvent};

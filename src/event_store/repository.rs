@@ -72,17 +72,6 @@ impl EventStore {
         Ok(appended)
     }
 
-    /// Stores the events inside the caller's transaction, which decides when
-    /// (and whether) they commit. Call [`EventStore::signal_appended`] after
-    /// the commit so that local projections look at once.
-    pub async fn append_within(
-        &self,
-        transaction: &mut PgConnection,
-        events: &[NewEvent],
-    ) -> Result<Option<GlobalPosition>, AppendError> {
-        insert_events(transaction, events).await
-    }
-
     /// The events of one aggregate after `after_sequence`, in order.
     pub async fn load_after(
         &self,
@@ -147,51 +136,65 @@ impl EventStore {
     }
 }
 
-/// One `INSERT .. SELECT FROM UNNEST` for the whole batch.
-async fn insert_events(
-    connection: &mut PgConnection,
-    events: &[NewEvent],
+/// Events laid out as one array per column, so that any number of them is
+/// stored by one `INSERT .. SELECT FROM UNNEST` ([`EventColumns::INSERT`]).
+pub struct EventColumns<'a> {
+    aggregate_types: Vec<&'a str>,
+    aggregate_ids: Vec<&'a str>,
+    sequences: Vec<i64>,
+    event_types: Vec<&'a str>,
+    event_versions: Vec<&'a str>,
+    payloads: Vec<&'a serde_json::Value>,
+    metadata: Vec<&'a serde_json::Value>,
+}
+
+impl<'a> EventColumns<'a> {
+    /// Inserts the events bound as `$1..$7`, returning each one's
+    /// `txid, position`. Usable as a data-modifying `WITH` query.
+    pub const INSERT: &'static str =
+        "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, \
+                             event_version, payload, metadata) \
+         SELECT * FROM UNNEST($1::text[], $2::text[], $3::bigint[], $4::text[], \
+                              $5::text[], $6::jsonb[], $7::jsonb[]) \
+         RETURNING txid, position";
+
+    pub fn new(events: &'a [NewEvent]) -> Self {
+        Self {
+            aggregate_types: events.iter().map(|e| e.aggregate_type).collect(),
+            aggregate_ids: events.iter().map(|e| e.aggregate_id.as_str()).collect(),
+            sequences: events.iter().map(|e| e.sequence).collect(),
+            event_types: events.iter().map(|e| e.event_type.as_str()).collect(),
+            event_versions: events.iter().map(|e| e.event_version.as_str()).collect(),
+            payloads: events.iter().map(|e| &e.payload).collect(),
+            metadata: events.iter().map(|e| &e.metadata).collect(),
+        }
+    }
+
+    /// Binds the columns as the query's first seven parameters.
+    pub fn bind<'q, O>(
+        &'q self,
+        query: sqlx::query::QueryAs<'q, sqlx::Postgres, O, sqlx::postgres::PgArguments>,
+    ) -> sqlx::query::QueryAs<'q, sqlx::Postgres, O, sqlx::postgres::PgArguments> {
+        query
+            .bind(&self.aggregate_types)
+            .bind(&self.aggregate_ids)
+            .bind(&self.sequences)
+            .bind(&self.event_types)
+            .bind(&self.event_versions)
+            .bind(&self.payloads)
+            .bind(&self.metadata)
+    }
+}
+
+/// What an insert of `count` events came to: the position of the last, or
+/// a conflict when another writer stored one of the sequences first.
+pub fn appended(
+    result: Result<(i64, i64), sqlx::Error>,
+    count: usize,
 ) -> Result<Option<GlobalPosition>, AppendError> {
-    if events.is_empty() {
-        return Ok(None);
-    }
-    let mut aggregate_types = Vec::with_capacity(events.len());
-    let mut aggregate_ids = Vec::with_capacity(events.len());
-    let mut sequences = Vec::with_capacity(events.len());
-    let mut event_types = Vec::with_capacity(events.len());
-    let mut event_versions = Vec::with_capacity(events.len());
-    let mut payloads = Vec::with_capacity(events.len());
-    let mut metadata = Vec::with_capacity(events.len());
-    for event in events {
-        aggregate_types.push(event.aggregate_type);
-        aggregate_ids.push(event.aggregate_id.as_str());
-        sequences.push(event.sequence);
-        event_types.push(event.event_type.as_str());
-        event_versions.push(event.event_version.as_str());
-        payloads.push(&event.payload);
-        metadata.push(&event.metadata);
-    }
-    let result: Result<(i64, i64), sqlx::Error> = sqlx::query_as(
-        "WITH appended AS ( \
-             INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, \
-                                 event_version, payload, metadata) \
-             SELECT * FROM UNNEST($1::text[], $2::text[], $3::bigint[], $4::text[], \
-                                  $5::text[], $6::jsonb[], $7::jsonb[]) \
-             RETURNING txid, position) \
-         SELECT max(txid), max(position) FROM appended",
-    )
-    .bind(&aggregate_types)
-    .bind(&aggregate_ids)
-    .bind(&sequences)
-    .bind(&event_types)
-    .bind(&event_versions)
-    .bind(&payloads)
-    .bind(&metadata)
-    .fetch_one(connection)
-    .await;
     match result {
         Ok((txid, position)) => {
-            metrics::counter!("events_appended_total").increment(events.len() as u64);
+            metrics::counter!("events_appended_total").increment(count as u64);
             Ok(Some(GlobalPosition { txid, position }))
         }
         Err(sqlx::Error::Database(db)) if db.constraint() == Some(EVENTS_PRIMARY_KEY) => {
@@ -200,6 +203,25 @@ async fn insert_events(
         }
         Err(other) => Err(AppendError::Database(other)),
     }
+}
+
+async fn insert_events(
+    connection: &mut PgConnection,
+    events: &[NewEvent],
+) -> Result<Option<GlobalPosition>, AppendError> {
+    if events.is_empty() {
+        return Ok(None);
+    }
+    let columns = EventColumns::new(events);
+    let sql = format!(
+        "WITH appended AS ({}) SELECT max(txid), max(position) FROM appended",
+        EventColumns::INSERT
+    );
+    let result = columns
+        .bind(sqlx::query_as(&sql))
+        .fetch_one(connection)
+        .await;
+    appended(result, events.len())
 }
 
 #[derive(Debug, thiserror::Error)]

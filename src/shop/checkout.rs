@@ -10,7 +10,7 @@
 //! their read models where needed (see `orders` and `cart`).
 
 use actix_web::{post, web, HttpRequest, HttpResponse};
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, SubsecRound, Utc};
 use domain::inventory::{InventoryCommand, ReleaseReason};
 use domain::order::{NewOrderLine, OrderError, OrderEvent};
 use domain::values::{Currency, Money, Name, Quantity, Sku};
@@ -64,6 +64,9 @@ pub async fn check_out(
     now: DateTime<Utc>,
 ) -> Result<OrderView, ApiError> {
     let order_id = key.derive_id(user.id, "order");
+    // Postgres keeps microseconds: the answer, built from the event, must
+    // say what the read model will say.
+    let now = now.trunc_subsecs(6);
     let expires_at =
         now + chrono::Duration::from_std(state.settings.order_hold).unwrap_or_default();
     for _ in 0..CART_READS {

@@ -10,17 +10,23 @@
 //! transaction. A checkout is all or nothing inside that transaction, so a
 //! short line never holds stock it has to give back.
 //!
-//! Across instances the transaction first takes an advisory lock per item
-//! (in item-id order, so two batches never wait on each other in a cycle)
-//! and only then reads what other writers stored since its copies were
-//! taken: instances take turns on a hot item instead of racing for its next
-//! sequence. The lock is only a courtesy; correctness still rests on the
-//! events' primary key, so a writer that does not take it (the command bus,
-//! releasing or committing stock) makes the batch conflict, and the batch is
-//! decided again after a short jittered pause, a bounded number of times.
+//! The task works on a connection of its own (never queued behind request
+//! handlers for a pooled one), in as few round trips as it can. It holds a
+//! session advisory lock per item it is selling (taken in item-id order,
+//! holding none, so two sessions never wait on each other in a cycle), and
+//! keeps them from batch to batch while checkouts keep coming, for at most
+//! `HOLD_ITEMS_FOR`, then lets other instances take a turn: instances take
+//! turns on a hot item instead of racing for its next sequence. Each batch
+//! reads what other writers stored since its copies were taken, then stores
+//! every event and deadline row in one statement, its own atomic
+//! transaction. The locks are only a courtesy; correctness rests on the
+//! events' primary key, so a writer that does not take them (the command
+//! bus, releasing or committing stock) makes the batch conflict, and the
+//! batch is decided again after a short jittered pause, a bounded number of
+//! times.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use cqrs_es::Aggregate;
@@ -31,11 +37,13 @@ use domain::values::{Currency, Quantity};
 use domain::Decider;
 use projections::{GlobalPosition, StoredEvent};
 use rand::Rng;
-use sqlx::{PgConnection, PgPool};
+use sqlx::{Connection, PgConnection};
 use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
-use crate::event_store::{serialize_events, AppendError, EventStore, Metadata, NewEvent};
+use crate::event_store::{
+    appended, serialize_events, AppendError, EventColumns, EventStore, Metadata, NewEvent,
+};
 use crate::http::problem::ShortLine;
 use crate::shop::cart::cart_key;
 use projections::cache::VersionedCache;
@@ -44,6 +52,9 @@ use projections::cache::VersionedCache;
 const MAX_BATCH: usize = 512;
 /// Tries per batch before its callers hear `Contention`.
 const MAX_ATTEMPTS: u32 = 8;
+/// How long a committer keeps hot items locked while checkouts keep coming,
+/// before it lets other instances take a turn.
+const HOLD_ITEMS_FOR: Duration = Duration::from_millis(20);
 /// Aggregates kept in memory per kind; past this the copies are dropped and
 /// reloaded on demand (they are only a head start, never the truth).
 const MAX_CACHED: usize = 100_000;
@@ -108,7 +119,8 @@ impl CheckoutCommitter {
     pub fn start(store: EventStore, cached_carts: VersionedCache) -> Self {
         let (queue, receiver) = mpsc::channel(8192);
         let worker = Worker {
-            pool: store.pool().clone(),
+            connection: None,
+            held: None,
             store,
             items: HashMap::new(),
             carts: HashMap::new(),
@@ -143,7 +155,11 @@ struct Versioned<A> {
 }
 
 struct Worker {
-    pool: PgPool,
+    /// Opened on first use and after any failure (closing it drops every
+    /// lock it held).
+    connection: Option<PgConnection>,
+    /// The item locks `connection` holds, if any.
+    held: Option<HeldItems>,
     store: EventStore,
     items: HashMap<Uuid, Versioned<InventoryItem>>,
     carts: HashMap<Uuid, Versioned<Cart>>,
@@ -152,9 +168,18 @@ struct Worker {
     cached_carts: VersionedCache,
 }
 
+struct HeldItems {
+    items: BTreeSet<Uuid>,
+    since: Instant,
+}
+
 /// What one attempt at a batch produced.
 enum Attempt {
-    Committed(Vec<Result<CheckoutOutcome, CheckoutError>>),
+    Committed {
+        outcomes: Vec<Result<CheckoutOutcome, CheckoutError>>,
+        /// Each cart checked out, with its version after the checkout.
+        checked_out: Vec<(Uuid, i64)>,
+    },
     Conflict,
 }
 
@@ -192,7 +217,18 @@ struct Deadline {
 
 impl Worker {
     async fn run(mut self, mut queue: mpsc::Receiver<Job>) {
-        while let Some(first) = queue.recv().await {
+        loop {
+            let first = match queue.try_recv() {
+                Ok(job) => job,
+                Err(_) => {
+                    // Nothing waiting: let other instances have the items.
+                    self.release_items().await;
+                    match queue.recv().await {
+                        Some(job) => job,
+                        None => return,
+                    }
+                }
+            };
             let mut jobs = vec![first];
             while jobs.len() < MAX_BATCH {
                 match queue.try_recv() {
@@ -201,7 +237,10 @@ impl Worker {
                 }
             }
             metrics::histogram!("checkout_batch_size").record(jobs.len() as f64);
+            let started = Instant::now();
             self.commit(jobs).await;
+            metrics::histogram!("checkout_batch_duration_seconds")
+                .record(started.elapsed().as_secs_f64());
         }
     }
 
@@ -211,7 +250,13 @@ impl Worker {
         let answers = loop {
             attempt += 1;
             match self.attempt(&requests).await {
-                Ok(Attempt::Committed(answers)) => break answers,
+                Ok(Attempt::Committed {
+                    outcomes,
+                    checked_out,
+                }) => {
+                    self.drop_cached_carts(&checked_out).await;
+                    break outcomes;
+                }
                 Ok(Attempt::Conflict) if attempt < MAX_ATTEMPTS => {
                     let pause = rand::rng().random_range(1..=(1u64 << attempt.min(5)));
                     tokio::time::sleep(Duration::from_millis(pause)).await;
@@ -242,13 +287,78 @@ impl Worker {
     }
 
     async fn attempt(&mut self, requests: &[&CheckoutRequest]) -> Result<Attempt, sqlx::Error> {
-        let mut transaction = self.pool.begin().await?;
         let item_ids: BTreeSet<Uuid> = requests
             .iter()
             .flat_map(|request| request.lines.iter().map(|line| line.variant_id))
             .collect();
-        lock_items(&mut transaction, &item_ids).await?;
-        let mut working = self.load(&mut transaction, requests, &item_ids).await?;
+        let mut connection = match self.connection.take() {
+            Some(connection) => connection,
+            None => {
+                self.held = None;
+                let options = self.store.pool().connect_options();
+                PgConnection::connect_with(&options).await?
+            }
+        };
+        // On any error the connection is dropped, which ends the session and
+        // with it the locks.
+        let result = self
+            .attempt_locked(&mut connection, requests, &item_ids)
+            .await;
+        if result.is_ok() {
+            self.connection = Some(connection);
+        } else {
+            self.held = None;
+        }
+        result
+    }
+
+    /// Makes sure this session holds the locks of `item_ids`. Locks are
+    /// kept from batch to batch while checkouts keep coming (one round trip
+    /// saved twice per batch), for at most `HOLD_ITEMS_FOR`, so that other
+    /// instances get their turn on a hot item.
+    async fn hold_items(
+        &mut self,
+        connection: &mut PgConnection,
+        item_ids: &BTreeSet<Uuid>,
+    ) -> Result<(), sqlx::Error> {
+        if let Some(held) = &self.held {
+            if item_ids.is_subset(&held.items) && held.since.elapsed() < HOLD_ITEMS_FOR {
+                return Ok(());
+            }
+            // Locks are only ever taken holding none, in id order, so two
+            // sessions never wait on each other in a cycle.
+            unlock_all(connection).await?;
+            self.held = None;
+        }
+        lock_items(connection, item_ids).await?;
+        self.held = Some(HeldItems {
+            items: item_ids.clone(),
+            since: Instant::now(),
+        });
+        Ok(())
+    }
+
+    async fn release_items(&mut self) {
+        if self.held.take().is_none() {
+            return;
+        }
+        let Some(connection) = self.connection.as_mut() else {
+            return;
+        };
+        if let Err(error) = unlock_all(connection).await {
+            tracing::warn!(%error, "could not release item locks; reconnecting");
+            self.connection = None;
+        }
+    }
+
+    async fn attempt_locked(
+        &mut self,
+        connection: &mut PgConnection,
+        requests: &[&CheckoutRequest],
+        item_ids: &BTreeSet<Uuid>,
+    ) -> Result<Attempt, sqlx::Error> {
+        self.hold_items(connection, item_ids).await?;
+        let mut working = self.load(connection, requests, item_ids).await?;
 
         let mut events = Vec::new();
         let mut deadlines = Vec::new();
@@ -273,24 +383,16 @@ impl Worker {
                 }
             }
         }
-        let position = match self.store.append_within(&mut transaction, &events).await {
+        let position = match store_events_and_deadlines(connection, &events, &deadlines).await {
             Ok(position) => position,
             Err(AppendError::Conflict) => return Ok(Attempt::Conflict),
             Err(AppendError::Database(error)) => return Err(error),
         };
-        insert_deadlines(&mut transaction, &deadlines).await?;
-        transaction.commit().await?;
 
         if position.is_some() {
             self.store.signal_appended();
         }
         self.keep(working);
-        let cached_carts = &self.cached_carts;
-        let tombstones = checked_out.iter().map(|(user_id, version)| {
-            let key = cart_key(*user_id);
-            async move { cached_carts.invalidate(&key, *version).await }
-        });
-        futures_util::future::join_all(tombstones).await;
         let outcomes = decisions
             .into_iter()
             .map(|decision| match (decision, position) {
@@ -302,12 +404,15 @@ impl Worker {
                 (Pending::Placed(_), None) => Ok(CheckoutOutcome::AlreadyPlaced),
             })
             .collect();
-        Ok(Attempt::Committed(outcomes))
+        Ok(Attempt::Committed {
+            outcomes,
+            checked_out,
+        })
     }
 
-    /// Copies of every aggregate the batch touches, brought up to date
-    /// inside the transaction (after the locks, so nothing a lock holder
-    /// stored before us is missed).
+    /// Copies of every aggregate the batch touches, brought up to date after
+    /// the locks were taken, so nothing a lock holder stored before us is
+    /// missed.
     async fn load(
         &self,
         connection: &mut PgConnection,
@@ -356,6 +461,17 @@ impl Worker {
             carts,
             existing_orders,
         })
+    }
+
+    /// Tombstones the carts just checked out, before their buyers hear back,
+    /// so that no cached cart outlives its checkout. Done after the item
+    /// locks are dropped: other instances need not wait for Redis.
+    async fn drop_cached_carts(&self, checked_out: &[(Uuid, i64)]) {
+        let entries: Vec<(String, i64)> = checked_out
+            .iter()
+            .map(|(user_id, version)| (cart_key(*user_id), *version))
+            .collect();
+        self.cached_carts.invalidate_many(&entries).await;
     }
 
     fn keep(&mut self, working: Working) {
@@ -527,19 +643,27 @@ fn cart_matches(cart_events: &[CartEvent], lines: &[NewOrderLine]) -> bool {
         })
 }
 
-/// Takes the batch's item locks in id order (the caller sorted them).
+/// Takes the items' locks for the session, in id order (a `BTreeSet`
+/// iterates sorted).
 async fn lock_items(
     connection: &mut PgConnection,
     item_ids: &BTreeSet<Uuid>,
 ) -> Result<(), sqlx::Error> {
     let ids: Vec<String> = item_ids.iter().map(Uuid::to_string).collect();
     sqlx::query(
-        "SELECT pg_advisory_xact_lock(hashtextextended('InventoryItem/' || id, 0)) \
+        "SELECT pg_advisory_lock(hashtextextended('InventoryItem/' || id, 0)) \
          FROM unnest($1::text[]) WITH ORDINALITY AS ids(id, n) ORDER BY n",
     )
     .bind(&ids)
     .execute(connection)
     .await?;
+    Ok(())
+}
+
+async fn unlock_all(connection: &mut PgConnection) -> Result<(), sqlx::Error> {
+    sqlx::query("SELECT pg_advisory_unlock_all()")
+        .execute(connection)
+        .await?;
     Ok(())
 }
 
@@ -573,12 +697,16 @@ fn qualified_columns() -> String {
         .join(", ")
 }
 
-async fn insert_deadlines(
+/// Stores the events and the deadline rows in one statement, which commits
+/// as one transaction: no order without its deadline, no deadline without
+/// its order.
+async fn store_events_and_deadlines(
     connection: &mut PgConnection,
+    events: &[NewEvent],
     deadlines: &[Deadline],
-) -> Result<(), sqlx::Error> {
-    if deadlines.is_empty() {
-        return Ok(());
+) -> Result<Option<GlobalPosition>, AppendError> {
+    if events.is_empty() {
+        return Ok(None);
     }
     // Variant ids travel as one text per order (Postgres has no array of
     // arrays of different lengths); the cast rebuilds each uuid[].
@@ -592,18 +720,25 @@ async fn insert_deadlines(
             format!("{{{}}}", ids.join(","))
         })
         .collect();
-    sqlx::query(
-        "INSERT INTO order_deadlines (order_id, user_id, due_at, variant_ids) \
-         SELECT order_id, user_id, due_at, variant_ids::uuid[] \
-         FROM UNNEST($1::uuid[], $2::uuid[], $3::timestamptz[], $4::text[]) \
-              AS d(order_id, user_id, due_at, variant_ids) \
-         ON CONFLICT (order_id) DO NOTHING",
-    )
-    .bind(&order_ids)
-    .bind(&user_ids)
-    .bind(&due)
-    .bind(&variants)
-    .execute(connection)
-    .await?;
-    Ok(())
+    let sql = format!(
+        "WITH appended AS ({}), \
+              deadlines AS ( \
+                INSERT INTO order_deadlines (order_id, user_id, due_at, variant_ids) \
+                SELECT order_id, user_id, due_at, variant_ids::uuid[] \
+                FROM UNNEST($8::uuid[], $9::uuid[], $10::timestamptz[], $11::text[]) \
+                     AS d(order_id, user_id, due_at, variant_ids) \
+                ON CONFLICT (order_id) DO NOTHING) \
+         SELECT max(txid), max(position) FROM appended",
+        EventColumns::INSERT
+    );
+    let columns = EventColumns::new(events);
+    let result = columns
+        .bind(sqlx::query_as(&sql))
+        .bind(&order_ids)
+        .bind(&user_ids)
+        .bind(&due)
+        .bind(&variants)
+        .fetch_one(connection)
+        .await;
+    appended(result, events.len())
 }

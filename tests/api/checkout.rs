@@ -1125,3 +1125,100 @@ async fn cart_product(app: &TestApp, variant_id: Uuid) -> Uuid {
         .await
         .unwrap()
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn three_instances_sell_a_restocked_drop_once_and_answer_with_what_they_stored() {
+    let first = spawn_app().await;
+    let instances = [
+        &first,
+        &spawn_instance_like(&first).await,
+        &spawn_instance_like(&first).await,
+    ];
+    let admin = TestUser::create_admin(&first).await;
+    let hot = product_with_stock(&first, &admin, 30).await;
+    let plenty = product_with_stock(&first, &admin, 1_000).await;
+    // Every third buyer also wants a unit of a variant that never runs out:
+    // a checkout is all lines or none, so those who lose hold nothing there.
+    let mut buyers = Vec::new();
+    for index in 0..120 {
+        let buyer = buyer_with_cart(&first, hot, 1).await;
+        if index % 3 == 0 {
+            assert_eq!(add_to_cart(&first, &buyer, plenty, 2).await.status(), 200);
+        }
+        buyers.push(buyer);
+    }
+
+    // Restocks go through the command bus, which takes no item lock: the
+    // committers' batches conflict with them and are decided again.
+    let restocks = async {
+        for _ in 0..10 {
+            let response = first
+                .post_json_as(
+                    "/api/v1/stock/add-stock",
+                    &admin.access_token,
+                    &json!({ "variant_id": hot, "quantity": 1 }),
+                )
+                .await;
+            assert_eq!(response.status(), 200, "add-stock");
+        }
+    };
+    let checkouts = futures_util::future::join_all(buyers.iter().enumerate().map(
+        |(index, buyer)| async move {
+            let response = checkout(instances[index % 3], buyer, "drop").await;
+            let status = response.status().as_u16();
+            (index, status, response.json::<Value>().await.unwrap())
+        },
+    ));
+    let (answers, ()) = tokio::join!(checkouts, restocks);
+
+    let mut sold = 0;
+    let mut plenty_held = 0;
+    for (index, status, body) in &answers {
+        let buyer = &buyers[*index];
+        // Read back through another instance than the one that answered.
+        let reader = instances[(index + 1) % 3];
+        let cart: Value = reader
+            .get_as("/api/v1/cart/get-cart", &buyer.access_token)
+            .await
+            .json()
+            .await
+            .unwrap();
+        match status {
+            201 => {
+                sold += 1;
+                let wanted = if index % 3 == 0 { 2 } else { 1 };
+                assert_eq!(body["items"].as_array().unwrap().len(), wanted);
+                if index % 3 == 0 {
+                    plenty_held += 2;
+                }
+                let order_id = body["id"].as_str().unwrap();
+                let stored = order_of(reader, buyer, order_id).await;
+                assert_eq!(&stored, body, "the answer is what the read model shows");
+                assert_eq!(cart["item_count"], 0, "a winner's cart is empty at once");
+            }
+            409 => {
+                assert_eq!(body["code"], "insufficient_stock");
+                let short = body["lines"].as_array().unwrap();
+                assert_eq!(short.len(), 1, "only the hot line is short: {body}");
+                assert_eq!(short[0]["variant_id"], hot.to_string());
+                assert_ne!(cart["item_count"], 0, "a loser keeps the cart");
+            }
+            other => panic!("unexpected status {other}: {body}"),
+        }
+    }
+    let restocked = counts(&stock(&first, &admin, hot).await);
+    assert_eq!(restocked.0, 40, "30 units plus 10 restocked");
+    // The restocks raced the sale: the sale took what was there when each
+    // batch was decided, never more.
+    assert_eq!(restocked.1, sold, "every 201 holds one hot unit");
+    assert_eq!(restocked.0, restocked.1 + restocked.2);
+    assert!(
+        sold >= 30,
+        "at least the first 30 units were sold, got {sold}"
+    );
+    assert_eq!(
+        counts(&stock(&first, &admin, plenty).await),
+        (1_000, plenty_held, 1_000 - plenty_held),
+        "nothing held on the plentiful line by a checkout that lost"
+    );
+}
