@@ -94,6 +94,13 @@ impl Call {
         }
     }
 
+    pub fn put(path: impl Into<String>, json: &serde_json::Value) -> Self {
+        Self {
+            method: Method::PUT,
+            ..Self::post(path, json)
+        }
+    }
+
     pub fn bearer(mut self, token: &str) -> Self {
         self.token = Some(token.to_owned());
         self
@@ -172,6 +179,24 @@ impl Worker {
 
     /// Sends `call` to instance `instance` (modulo the number of instances)
     /// and reads the whole answer; at most `REQUEST_TIMEOUT`.
+    /// Sends a call that is safe to repeat, again on a fresh connection when
+    /// the transport failed (a keep-alive connection the server closed just
+    /// as the request went out, say).
+    pub async fn send_repeatable(
+        &mut self,
+        instance: usize,
+        call: &Call,
+    ) -> anyhow::Result<Answer> {
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            match self.send(instance, call).await {
+                Err(_) if attempts < 3 => continue,
+                answer => return answer,
+            }
+        }
+    }
+
     pub async fn send(&mut self, instance: usize, call: &Call) -> anyhow::Result<Answer> {
         let instance = instance % self.endpoints.len();
         match tokio::time::timeout(REQUEST_TIMEOUT, self.send_once(instance, call)).await {
