@@ -16,7 +16,7 @@ use domain::order::{NewOrderLine, OrderError, OrderEvent};
 use domain::values::{Currency, Money, Name, Quantity, Sku};
 use uuid::Uuid;
 
-use super::cart::{cart_lines, CartItem};
+use super::cart::{cart_lines, cart_view, CartItem};
 use super::checkout_commit::{CheckoutError, CheckoutOutcome, CheckoutRequest};
 use super::orders::{order_view, OrderItem, OrderView};
 use crate::auth::AuthUser;
@@ -69,8 +69,17 @@ pub async fn check_out(
     let now = now.trunc_subsecs(6);
     let expires_at =
         now + chrono::Duration::from_std(state.settings.order_hold).unwrap_or_default();
-    for _ in 0..CART_READS {
-        let items = cart_lines(&state.pool, user.id).await?;
+    for read in 0..CART_READS {
+        // Lines and prices as a cart read shows them, from the caches when
+        // they have them (a price comes from a product entry that is never
+        // stale). The committer checks the lines against the cart itself;
+        // when they differ, the next read goes to the carts read model,
+        // which by then holds every change of the cart.
+        let items = if read == 0 {
+            cart_view(state, user.id).await?.items
+        } else {
+            cart_lines(&state.pool, user.id).await?
+        };
         if items.is_empty() {
             // A retry of a checkout that got through finds the cart empty.
             return placed_order(state, order_id).await?.ok_or_else(empty_cart);

@@ -1222,3 +1222,35 @@ async fn three_instances_sell_a_restocked_drop_once_and_answer_with_what_they_st
         "nothing held on the plentiful line by a checkout that lost"
     );
 }
+
+#[tokio::test]
+async fn a_checkout_whose_cached_cart_is_behind_the_cart_orders_what_the_cart_holds() {
+    let app = spawn_app().await;
+    let admin = TestUser::create_admin(&app).await;
+    let variant = product_with_stock(&app, &admin, 10).await;
+    let buyer = buyer_with_cart(&app, variant, 1).await;
+    // Another writer (here: a bus of our own, as another instance's would
+    // be) changes the cart without refreshing the cached copy, which still
+    // says one unit.
+    let carts = commerce::event_store::CommandBus::<domain::cart::Cart>::new(
+        commerce::event_store::EventStore::new(app.pool.clone()),
+    );
+    carts
+        .execute(
+            &buyer.id.to_string(),
+            domain::cart::CartCommand::SetQuantity {
+                variant_id: variant,
+                quantity: 3,
+            },
+            commerce::event_store::Metadata::system("test"),
+        )
+        .await
+        .unwrap();
+
+    let response = checkout(&app, &buyer, "behind").await;
+    assert_eq!(response.status(), 201);
+    let order: Value = response.json().await.unwrap();
+    assert_eq!(order["items"][0]["quantity"], 3, "{order}");
+    assert_eq!(order["total_cents"], 3 * 1999);
+    assert_eq!(counts(&stock(&app, &admin, variant).await), (10, 3, 7));
+}
