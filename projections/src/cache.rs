@@ -31,6 +31,9 @@ if ARGV[2] == 'set' then
     if stored == version and redis.call('HEXISTS', KEYS[1], 'body') == 1 then return 0 end
   end
   redis.call('HSET', KEYS[1], 'v', ARGV[1], 'body', ARGV[3])
+elseif ARGV[2] == 'replace' then
+  if stored ~= nil and stored > version then return 0 end
+  redis.call('HSET', KEYS[1], 'v', ARGV[1], 'body', ARGV[3])
 else
   if stored ~= nil and stored > version then return 0 end
   redis.call('DEL', KEYS[1])
@@ -151,6 +154,16 @@ impl VersionedCache {
         }
     }
 
+    /// Like `refresh`, but also over a body of the same version: for a value
+    /// known to be right at `version` while the cached one, of that same
+    /// version, may be wrong (a rebuild repairs rows without changing their
+    /// version). In one step, so no reader's fill can slip in between.
+    pub async fn replace<T: Serialize>(&self, name: &str, version: i64, body: &T) {
+        if let Some(json) = to_json(name, body) {
+            self.write(name, version, Mode::Replace, &json).await;
+        }
+    }
+
     /// Marks the entry as changed at `version`: readers miss until someone
     /// stores a body of that version or newer.
     pub async fn invalidate(&self, name: &str, version: i64) {
@@ -218,10 +231,11 @@ impl VersionedCache {
     async fn write(&self, name: &str, version: i64, mode: Mode, body: &str) {
         let connection = match mode {
             Mode::Fill => self.healthy(),
-            Mode::Change | Mode::Tombstone => self.connection.clone(),
+            Mode::Change | Mode::Replace | Mode::Tombstone => self.connection.clone(),
         };
         let script_mode = match mode {
             Mode::Fill | Mode::Change => "set",
+            Mode::Replace => "replace",
             Mode::Tombstone => "tombstone",
         };
         let Some(mut connection) = connection else {
@@ -288,6 +302,8 @@ enum Mode {
     Fill,
     /// A value that just changed.
     Change,
+    /// A value that is right, over a cached one that may not be.
+    Replace,
     /// A change whose new value is not at hand.
     Tombstone,
 }

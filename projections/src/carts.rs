@@ -1,6 +1,13 @@
 //! The carts read model: each user's cart lines (variant and quantity);
 //! prices and availability are joined from the catalog when it is read.
+//!
+//! A batch folds its events per cart in memory (what is left after the last
+//! clear, and each line's last change) and writes carts and lines in a few
+//! statements, however many carts it touches.
 
+use std::collections::{HashMap, HashSet};
+
+use chrono::{DateTime, Utc};
 use domain::cart::{Cart, CartEvent};
 use sqlx::PgConnection;
 use uuid::Uuid;
@@ -26,14 +33,16 @@ impl Projection for CartsProjection {
         &["carts", "cart_lines"]
     }
 
+    fn mirrors_rows(&self) -> bool {
+        false
+    }
+
     async fn apply(
         &self,
         tx: &mut PgConnection,
         event: &StoredEvent,
     ) -> Result<(), ProjectionError> {
-        let user_id: Uuid = event.aggregate_id.parse().map_err(|_| {
-            ProjectionError::Other(format!("cart id {:?} is not a UUID", event.aggregate_id))
-        })?;
+        let user_id = user_id_of(event)?;
         // The cart's version guards every change: a replayed event is skipped.
         let fresh: Option<i32> = sqlx::query_scalar(
             "INSERT INTO carts (user_id, version, updated_at) VALUES ($1, $2, $3) \
@@ -88,10 +97,190 @@ impl Projection for CartsProjection {
         Ok(())
     }
 
+    /// Reads the versions of the carts the batch touches and folds each
+    /// cart's events that are newer than its row, as `apply` would (which
+    /// also reads an event only once it knows the event is new).
+    async fn apply_batch(
+        &self,
+        tx: &mut PgConnection,
+        events: &[StoredEvent],
+    ) -> Result<(), ProjectionError> {
+        let owners = events
+            .iter()
+            .map(user_id_of)
+            .collect::<Result<Vec<Uuid>, _>>()?;
+        let mut seen = HashSet::new();
+        let user_ids: Vec<Uuid> = owners
+            .iter()
+            .copied()
+            .filter(|id| seen.insert(*id))
+            .collect();
+        let mut versions: HashMap<Uuid, i64> = sqlx::query_as::<_, (Uuid, i64)>(
+            "SELECT user_id, version FROM carts WHERE user_id = ANY($1)",
+        )
+        .bind(&user_ids)
+        .fetch_all(&mut *tx)
+        .await?
+        .into_iter()
+        .collect();
+        let mut folded: HashMap<Uuid, CartFold> = HashMap::new();
+        for (user_id, event) in owners.into_iter().zip(events) {
+            if versions
+                .get(&user_id)
+                .is_some_and(|version| *version >= event.sequence)
+            {
+                continue;
+            }
+            versions.insert(user_id, event.sequence);
+            let fold = folded.entry(user_id).or_default();
+            fold.version = event.sequence;
+            fold.updated_at = Some(event.recorded_at);
+            match event
+                .decode::<CartEvent>()
+                .map_err(|e| ProjectionError::decode(event, e))?
+            {
+                CartEvent::CartItemAdded {
+                    variant_id,
+                    quantity,
+                    ..
+                }
+                | CartEvent::CartItemQuantitySet {
+                    variant_id,
+                    quantity,
+                } => fold.set(variant_id, Some(i64::from(quantity))),
+                CartEvent::CartItemRemoved { variant_id } => fold.set(variant_id, None),
+                CartEvent::CartCleared {} | CartEvent::CartCheckedOut { .. } => fold.clear(),
+            }
+        }
+        write_folds(tx, &user_ids, &folded).await
+    }
+
     async fn reset(&self, tx: &mut PgConnection) -> Result<(), ProjectionError> {
         sqlx::query("TRUNCATE carts, cart_lines")
             .execute(tx)
             .await?;
         Ok(())
     }
+}
+
+fn user_id_of(event: &StoredEvent) -> Result<Uuid, ProjectionError> {
+    event.aggregate_id.parse().map_err(|_| {
+        ProjectionError::Other(format!("cart id {:?} is not a UUID", event.aggregate_id))
+    })
+}
+
+/// What a batch's new events do to one cart.
+#[derive(Debug, Default)]
+struct CartFold {
+    version: i64,
+    updated_at: Option<DateTime<Utc>>,
+    /// Every line went, before the changes below.
+    cleared: bool,
+    /// Each line's last change since then, in the order first changed:
+    /// its quantity, or `None` when it was taken out.
+    lines: Vec<(Uuid, Option<i64>)>,
+}
+
+impl CartFold {
+    fn set(&mut self, variant_id: Uuid, quantity: Option<i64>) {
+        match self.lines.iter_mut().find(|(id, _)| *id == variant_id) {
+            Some(line) => line.1 = quantity,
+            None => self.lines.push((variant_id, quantity)),
+        }
+    }
+
+    fn clear(&mut self) {
+        self.cleared = true;
+        self.lines.clear();
+    }
+}
+
+/// Writes the carts' versions, then their lines: clears first, then each
+/// line's last change.
+async fn write_folds(
+    tx: &mut PgConnection,
+    user_ids: &[Uuid],
+    folded: &HashMap<Uuid, CartFold>,
+) -> Result<(), ProjectionError> {
+    let carts: Vec<(Uuid, &CartFold, DateTime<Utc>)> = user_ids
+        .iter()
+        .filter_map(|id| {
+            let fold = folded.get(id)?;
+            Some((*id, fold, fold.updated_at?))
+        })
+        .collect();
+    if carts.is_empty() {
+        return Ok(());
+    }
+    sqlx::query(
+        "INSERT INTO carts (user_id, version, updated_at) \
+         SELECT * FROM UNNEST($1::uuid[], $2::bigint[], $3::timestamptz[]) \
+         ON CONFLICT (user_id) DO UPDATE SET version = EXCLUDED.version, \
+             updated_at = EXCLUDED.updated_at \
+         WHERE carts.version < EXCLUDED.version",
+    )
+    .bind(carts.iter().map(|(id, _, _)| *id).collect::<Vec<_>>())
+    .bind(
+        carts
+            .iter()
+            .map(|(_, fold, _)| fold.version)
+            .collect::<Vec<_>>(),
+    )
+    .bind(carts.iter().map(|(_, _, at)| *at).collect::<Vec<_>>())
+    .execute(&mut *tx)
+    .await?;
+    let cleared: Vec<Uuid> = carts
+        .iter()
+        .filter(|(_, fold, _)| fold.cleared)
+        .map(|(id, _, _)| *id)
+        .collect();
+    if !cleared.is_empty() {
+        sqlx::query("DELETE FROM cart_lines WHERE user_id = ANY($1)")
+            .bind(&cleared)
+            .execute(&mut *tx)
+            .await?;
+    }
+    let changes = carts.iter().flat_map(|(id, fold, _)| {
+        fold.lines
+            .iter()
+            .map(move |(variant, quantity)| (*id, *variant, *quantity))
+    });
+    let (mut removed_users, mut removed_variants) = (Vec::new(), Vec::new());
+    let (mut kept_users, mut kept_variants, mut quantities) = (Vec::new(), Vec::new(), Vec::new());
+    for (user_id, variant_id, quantity) in changes {
+        match quantity {
+            Some(quantity) => {
+                kept_users.push(user_id);
+                kept_variants.push(variant_id);
+                quantities.push(quantity);
+            }
+            None => {
+                removed_users.push(user_id);
+                removed_variants.push(variant_id);
+            }
+        }
+    }
+    if !removed_users.is_empty() {
+        sqlx::query(
+            "DELETE FROM cart_lines c USING UNNEST($1::uuid[], $2::uuid[]) AS r(user_id, variant_id) \
+             WHERE c.user_id = r.user_id AND c.variant_id = r.variant_id",
+        )
+        .bind(&removed_users)
+        .bind(&removed_variants)
+        .execute(&mut *tx)
+        .await?;
+    }
+    if !kept_users.is_empty() {
+        sqlx::query(
+            "INSERT INTO cart_lines (user_id, variant_id, quantity) \
+             SELECT * FROM UNNEST($1::uuid[], $2::uuid[], $3::bigint[]) \
+             ON CONFLICT (user_id, variant_id) DO UPDATE SET quantity = EXCLUDED.quantity",
+        )
+        .bind(&kept_users)
+        .bind(&kept_variants)
+        .bind(&quantities)
+        .execute(&mut *tx)
+        .await?;
+    }
+    Ok(())
 }

@@ -1,7 +1,15 @@
 //! The orders read model: one row per order with its lines, for the
 //! customer's order list and order page.
+//!
+//! A batch (a flash sale's checkouts) folds its events per order in memory
+//! and writes all new orders and their lines in one statement, and all
+//! changed orders in another.
 
-use domain::order::{Order, OrderEvent};
+use std::collections::hash_map::Entry;
+use std::collections::{HashMap, HashSet};
+
+use chrono::{DateTime, Utc};
+use domain::order::{Order, OrderEvent, OrderLine};
 use sqlx::PgConnection;
 use uuid::Uuid;
 
@@ -37,14 +45,16 @@ impl Projection for OrdersProjection {
         &["orders", "order_lines"]
     }
 
+    fn mirrors_rows(&self) -> bool {
+        false
+    }
+
     async fn apply(
         &self,
         tx: &mut PgConnection,
         event: &StoredEvent,
     ) -> Result<(), ProjectionError> {
-        let order_id: Uuid = event.aggregate_id.parse().map_err(|_| {
-            ProjectionError::Other(format!("order id {:?} is not a UUID", event.aggregate_id))
-        })?;
+        let order_id = order_id_of(event)?;
         let payload: OrderEvent = event
             .decode()
             .map_err(|e| ProjectionError::decode(event, e))?;
@@ -156,6 +166,115 @@ impl Projection for OrdersProjection {
         Ok(())
     }
 
+    /// Folds the batch per order exactly as `apply` would: a placement
+    /// counts only where no row exists, a change only when newer than the
+    /// row. Rows of orders changed (not only placed) in the batch are read
+    /// first; placements alone need no read, their insert skips existing
+    /// orders as `apply`'s does.
+    async fn apply_batch(
+        &self,
+        tx: &mut PgConnection,
+        events: &[StoredEvent],
+    ) -> Result<(), ProjectionError> {
+        let decoded = events
+            .iter()
+            .map(|event| {
+                let order_id = order_id_of(event)?;
+                let payload: OrderEvent = event
+                    .decode()
+                    .map_err(|e| ProjectionError::decode(event, e))?;
+                Ok((order_id, event, payload))
+            })
+            .collect::<Result<Vec<_>, ProjectionError>>()?;
+        let mut seen = HashSet::new();
+        let changed_ids: Vec<Uuid> = decoded
+            .iter()
+            .filter(|(_, _, payload)| !matches!(payload, OrderEvent::OrderPlaced { .. }))
+            .map(|(order_id, _, _)| *order_id)
+            .filter(|order_id| seen.insert(*order_id))
+            .collect();
+        let mut orders: HashMap<Uuid, OrderRow> = HashMap::new();
+        if !changed_ids.is_empty() {
+            let existing: Vec<OrderRow> = sqlx::query_as(
+                "SELECT id, status, cancel_reason, payment_intent_id, updated_at, version \
+                 FROM orders WHERE id = ANY($1)",
+            )
+            .bind(&changed_ids)
+            .fetch_all(&mut *tx)
+            .await?;
+            orders.extend(existing.into_iter().map(|row| (row.id, row)));
+        }
+        let mut placed: Vec<Placement> = Vec::new();
+        let mut updated: Vec<Uuid> = Vec::new();
+        for (order_id, event, payload) in decoded {
+            let (status, cancel_reason, payment_intent_id) = match payload {
+                OrderEvent::OrderPlaced {
+                    user_id,
+                    lines,
+                    currency,
+                    total_cents,
+                    placed_at,
+                    expires_at,
+                    ..
+                } => {
+                    if let Entry::Vacant(slot) = orders.entry(order_id) {
+                        slot.insert(OrderRow {
+                            id: order_id,
+                            status: "created".to_owned(),
+                            cancel_reason: None,
+                            payment_intent_id: None,
+                            updated_at: placed_at,
+                            version: event.sequence,
+                        });
+                        placed.push(Placement {
+                            order_id,
+                            user_id,
+                            total_cents,
+                            currency: currency.as_str().to_owned(),
+                            expires_at,
+                            placed_at,
+                            lines,
+                        });
+                    }
+                    continue;
+                }
+                OrderEvent::PaymentStarted {
+                    payment_intent_id, ..
+                } => ("payment_pending", Keep, Set(payment_intent_id)),
+                OrderEvent::OrderPaid {
+                    payment_intent_id, ..
+                } => ("paid", Clear, Set(payment_intent_id)),
+                OrderEvent::OrderCancelled { reason, .. } => {
+                    ("cancelled", Set(wire_name(&reason)?), Keep)
+                }
+                OrderEvent::OrderRefunded {
+                    payment_intent_id, ..
+                } => ("refunded", Keep, Set(payment_intent_id)),
+            };
+            let Some(row) = orders
+                .get_mut(&order_id)
+                .filter(|row| row.version < event.sequence)
+            else {
+                continue;
+            };
+            row.status = status.to_owned();
+            cancel_reason.apply_to(&mut row.cancel_reason);
+            payment_intent_id.apply_to(&mut row.payment_intent_id);
+            row.updated_at = event.recorded_at;
+            row.version = event.sequence;
+            updated.push(order_id);
+        }
+        insert_placed(tx, &placed, &orders).await?;
+        let placed_ids: HashSet<Uuid> = placed.iter().map(|p| p.order_id).collect();
+        let mut seen = HashSet::new();
+        let changed: Vec<&OrderRow> = updated
+            .iter()
+            .filter(|id| !placed_ids.contains(*id) && seen.insert(**id))
+            .filter_map(|id| orders.get(id))
+            .collect();
+        update_changed(tx, &changed).await
+    }
+
     async fn reset(&self, tx: &mut PgConnection) -> Result<(), ProjectionError> {
         sqlx::query("TRUNCATE orders, order_lines")
             .execute(tx)
@@ -188,4 +307,192 @@ async fn update(
     .execute(tx)
     .await?;
     Ok(())
+}
+
+fn order_id_of(event: &StoredEvent) -> Result<Uuid, ProjectionError> {
+    event.aggregate_id.parse().map_err(|_| {
+        ProjectionError::Other(format!("order id {:?} is not a UUID", event.aggregate_id))
+    })
+}
+
+/// The columns of `orders` that events after the placement change.
+#[derive(Debug, sqlx::FromRow)]
+struct OrderRow {
+    id: Uuid,
+    status: String,
+    cancel_reason: Option<String>,
+    payment_intent_id: Option<String>,
+    updated_at: DateTime<Utc>,
+    version: i64,
+}
+
+/// An order placed in the batch, as its placement wrote it.
+struct Placement {
+    order_id: Uuid,
+    user_id: Uuid,
+    total_cents: i64,
+    currency: String,
+    expires_at: DateTime<Utc>,
+    placed_at: DateTime<Utc>,
+    lines: Vec<OrderLine>,
+}
+
+/// What an event does to a nullable column.
+enum ColumnChange {
+    Keep,
+    Clear,
+    Set(String),
+}
+
+use ColumnChange::{Clear, Keep, Set};
+
+impl ColumnChange {
+    fn apply_to(self, column: &mut Option<String>) {
+        match self {
+            Keep => {}
+            Clear => *column = None,
+            Set(value) => *column = Some(value),
+        }
+    }
+}
+
+/// Inserts the orders placed in the batch, as the batch left them, and the
+/// lines of those that did not exist yet, in one statement.
+async fn insert_placed(
+    tx: &mut PgConnection,
+    placed: &[Placement],
+    orders: &HashMap<Uuid, OrderRow>,
+) -> Result<(), ProjectionError> {
+    if placed.is_empty() {
+        return Ok(());
+    }
+    let mut rows = PlacedColumns::default();
+    let mut lines = LineColumns::default();
+    for placement in placed {
+        let Some(order) = orders.get(&placement.order_id) else {
+            continue;
+        };
+        rows.ids.push(placement.order_id);
+        rows.user_ids.push(placement.user_id);
+        rows.statuses.push(order.status.clone());
+        rows.cancel_reasons.push(order.cancel_reason.clone());
+        rows.totals.push(placement.total_cents);
+        rows.currencies.push(placement.currency.clone());
+        rows.payment_intent_ids
+            .push(order.payment_intent_id.clone());
+        rows.expires_at.push(placement.expires_at);
+        rows.created_at.push(placement.placed_at);
+        rows.updated_at.push(order.updated_at);
+        rows.versions.push(order.version);
+        // One line per variant, the first, as `apply`'s inserts keep it.
+        let mut variants = HashSet::new();
+        for line in placement
+            .lines
+            .iter()
+            .filter(|line| variants.insert(line.variant_id))
+        {
+            lines.order_ids.push(placement.order_id);
+            lines.variant_ids.push(line.variant_id);
+            lines.skus.push(line.sku.as_str().to_owned());
+            lines.product_ids.push(line.product_id);
+            lines
+                .product_names
+                .push(line.product_name.as_str().to_owned());
+            lines.unit_prices.push(line.unit_price_cents);
+            lines.quantities.push(i64::from(line.quantity));
+            lines.totals.push(line.line_total_cents);
+        }
+    }
+    sqlx::query(
+        "WITH placed AS ( \
+             INSERT INTO orders (id, user_id, status, cancel_reason, total_cents, currency, \
+                                 payment_intent_id, expires_at, created_at, updated_at, version) \
+             SELECT * FROM UNNEST($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::bigint[], \
+                                  $6::text[], $7::text[], $8::timestamptz[], $9::timestamptz[], \
+                                  $10::timestamptz[], $11::bigint[]) \
+             ON CONFLICT (id) DO NOTHING RETURNING id) \
+         INSERT INTO order_lines (order_id, variant_id, sku, product_id, product_name, \
+                                  unit_price_cents, quantity, line_total_cents) \
+         SELECT l.* FROM UNNEST($12::uuid[], $13::uuid[], $14::text[], $15::uuid[], $16::text[], \
+                                $17::bigint[], $18::bigint[], $19::bigint[]) \
+              AS l(order_id, variant_id, sku, product_id, product_name, unit_price_cents, \
+                   quantity, line_total_cents) \
+         JOIN placed ON placed.id = l.order_id \
+         ON CONFLICT DO NOTHING",
+    )
+    .bind(&rows.ids)
+    .bind(&rows.user_ids)
+    .bind(&rows.statuses)
+    .bind(&rows.cancel_reasons)
+    .bind(&rows.totals)
+    .bind(&rows.currencies)
+    .bind(&rows.payment_intent_ids)
+    .bind(&rows.expires_at)
+    .bind(&rows.created_at)
+    .bind(&rows.updated_at)
+    .bind(&rows.versions)
+    .bind(&lines.order_ids)
+    .bind(&lines.variant_ids)
+    .bind(&lines.skus)
+    .bind(&lines.product_ids)
+    .bind(&lines.product_names)
+    .bind(&lines.unit_prices)
+    .bind(&lines.quantities)
+    .bind(&lines.totals)
+    .execute(&mut *tx)
+    .await?;
+    Ok(())
+}
+
+/// Writes the orders that existed before the batch and that it changed.
+async fn update_changed(
+    tx: &mut PgConnection,
+    changed: &[&OrderRow],
+) -> Result<(), ProjectionError> {
+    if changed.is_empty() {
+        return Ok(());
+    }
+    sqlx::query(
+        "UPDATE orders o SET status = v.status, cancel_reason = v.cancel_reason, \
+             payment_intent_id = v.payment_intent_id, updated_at = v.updated_at, version = v.version \
+         FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::timestamptz[], $6::bigint[]) \
+              AS v(id, status, cancel_reason, payment_intent_id, updated_at, version) \
+         WHERE o.id = v.id AND o.version < v.version",
+    )
+    .bind(changed.iter().map(|row| row.id).collect::<Vec<_>>())
+    .bind(changed.iter().map(|row| row.status.as_str()).collect::<Vec<_>>())
+    .bind(changed.iter().map(|row| row.cancel_reason.as_deref()).collect::<Vec<_>>())
+    .bind(changed.iter().map(|row| row.payment_intent_id.as_deref()).collect::<Vec<_>>())
+    .bind(changed.iter().map(|row| row.updated_at).collect::<Vec<_>>())
+    .bind(changed.iter().map(|row| row.version).collect::<Vec<_>>())
+    .execute(&mut *tx)
+    .await?;
+    Ok(())
+}
+
+#[derive(Default)]
+struct PlacedColumns {
+    ids: Vec<Uuid>,
+    user_ids: Vec<Uuid>,
+    statuses: Vec<String>,
+    cancel_reasons: Vec<Option<String>>,
+    totals: Vec<i64>,
+    currencies: Vec<String>,
+    payment_intent_ids: Vec<Option<String>>,
+    expires_at: Vec<DateTime<Utc>>,
+    created_at: Vec<DateTime<Utc>>,
+    updated_at: Vec<DateTime<Utc>>,
+    versions: Vec<i64>,
+}
+
+#[derive(Default)]
+struct LineColumns {
+    order_ids: Vec<Uuid>,
+    variant_ids: Vec<Uuid>,
+    skus: Vec<String>,
+    product_ids: Vec<Uuid>,
+    product_names: Vec<String>,
+    unit_prices: Vec<i64>,
+    quantities: Vec<i64>,
+    totals: Vec<i64>,
 }

@@ -12,6 +12,18 @@
 //! live head and swap it in with the checkpoint in one transaction, or to
 //! fix the point at which both sides are compared.
 //!
+//! The swap takes the live tables one after another, and a reader's query
+//! takes the tables it joins one after another too, in its own order. So a
+//! swap holding one table while it waits for another can deadlock with a
+//! reader waiting the other way round, and when the reader's deadlock check
+//! fires first the reader's request fails. The swap therefore waits only
+//! briefly for each table, well under the server's `deadlock_timeout`:
+//! on a timeout it lets go of everything (the live runner's lock too),
+//! catches the copy up again beside, and tries once more, so neither the
+//! readers nor the requests waiting for the live projection wait long. It
+//! writes nothing before it holds every lock, so its waits never hold back
+//! the horizon the runners read below.
+//!
 //! What this asks of a projection's tables: named in `Projection::tables`,
 //! written by unqualified name only, no foreign keys or views pointing at
 //! them, and no column defaults drawn from a sequence the table owns
@@ -24,15 +36,25 @@ use std::time::{Duration, Instant};
 
 use sqlx::{PgConnection, PgPool};
 
-use crate::runner::{lock_key, Projection, ProjectionError, ProjectionRunner};
+use crate::runner::{
+    lock_key, read_events, Projection, ProjectionError, ProjectionRunner, UnhandledTypes,
+};
 use crate::stored_event::{GlobalPosition, StoredEvent, STORED_EVENT_COLUMNS};
 
 /// Events replayed per transaction while building.
 const BATCH_SIZE: i64 = 1_000;
-/// How long the swap waits for readers to let go of a live table before it
-/// gives up and tries again (it holds the projection's lock meanwhile).
-const SWAP_LOCK_TIMEOUT: &str = "5s";
-const SWAP_ATTEMPTS: u32 = 5;
+/// How long a swap waits for the live runner to finish the step it is in.
+const SWAP_RUNNER_WAIT: Duration = Duration::from_secs(2);
+/// The longest a swap waits for readers to let go of one live table before
+/// it lets go of everything and tries again; shorter when the server's
+/// `deadlock_timeout` is short (see `table_lock_wait`).
+const SWAP_TABLE_WAIT: Duration = Duration::from_millis(100);
+/// How long a rebuild keeps trying to swap before it gives up (the copy is
+/// then dropped and the live read model stays as it was).
+const SWAP_PATIENCE: Duration = Duration::from_secs(120);
+/// Pause between swap attempts: doubles from the first up to the last.
+const SWAP_BACKOFF_FIRST: Duration = Duration::from_millis(10);
+const SWAP_BACKOFF_MAX: Duration = Duration::from_millis(500);
 /// Rows of each differing table shown in a report.
 const SAMPLE_ROWS: i64 = 5;
 /// Latest events per aggregate handed to `after_commit` at a time.
@@ -128,7 +150,9 @@ pub async fn rebuild(
     let outcome = build_and_swap(pool, projection.as_ref(), &scratch).await;
     scratch.drop_quietly(pool).await;
     let progress = outcome?;
-    announce_aggregates(pool, projection.as_ref(), progress.position).await?;
+    if projection.mirrors_rows() {
+        announce_aggregates(pool, projection.as_ref(), progress.position).await?;
+    }
     let report = RebuildReport {
         projection: projection.name(),
         events_read: progress.read,
@@ -190,55 +214,107 @@ async fn build_and_swap(
             .execute(pool)
             .await?;
     }
-    let mut attempt = 0;
+    let table_wait = table_lock_wait(pool, scratch.tables.len()).await?;
+    let give_up_at = Instant::now() + SWAP_PATIENCE;
+    let mut attempt: u32 = 0;
     loop {
         attempt += 1;
-        match swap(pool, projection, scratch, progress).await {
-            Ok(swapped) => return Ok(swapped),
-            Err(error) if attempt < SWAP_ATTEMPTS && is_lock_conflict(&error) => {
-                tracing::warn!(
+        match swap(pool, projection, scratch, progress, table_wait).await {
+            Ok(swapped) => {
+                if attempt > 1 {
+                    tracing::info!(
+                        projection = projection.name(),
+                        attempts = attempt,
+                        "swap done after readers held the live tables"
+                    );
+                }
+                return Ok(swapped);
+            }
+            Err(error) if is_lock_conflict(&error) && Instant::now() < give_up_at => {
+                tracing::debug!(
                     projection = projection.name(),
                     attempt,
                     %error,
-                    "swap could not lock the live tables; retrying"
+                    "swap could not take the live tables at once; retrying"
                 );
-                // The failed swap rolled back what it applied: the copy
-                // still stands at `progress`. Catch it up again without the
-                // lock, so the next try holds the lock as briefly.
+                // The failed swap released the live runner and the tables
+                // having written nothing: the copy still stands at `progress`.
+                tokio::time::sleep(swap_backoff(attempt)).await;
                 let caught_up = build(pool, projection, scratch, progress.position).await?;
                 progress = Progress {
                     read: progress.read + caught_up.read,
                     applied: progress.applied + caught_up.applied,
                     position: caught_up.position,
                 };
-                tokio::time::sleep(Duration::from_millis(200 * u64::from(attempt))).await;
             }
-            Err(error) => return Err(error),
+            Err(error) => {
+                if is_lock_conflict(&error) {
+                    tracing::warn!(
+                        projection = projection.name(),
+                        attempts = attempt,
+                        %error,
+                        "swap gave up: readers never let go of the live tables"
+                    );
+                }
+                return Err(error);
+            }
         }
     }
 }
 
-/// Catches the copy up to the live head under the projection's lock and
-/// swaps it in. Returns the final progress.
+/// How long the swap may wait for any one live table. A reader blocked
+/// behind a table the swap already holds must not wait as long as
+/// `deadlock_timeout`, or its deadlock check may find the swap waiting for
+/// a table the reader holds and fail the reader's query; so every wait of
+/// the swap together stays within half of it.
+async fn table_lock_wait(pool: &PgPool, tables: usize) -> Result<Duration, ProjectionError> {
+    let deadlock_timeout_ms: Option<String> =
+        sqlx::query_scalar("SELECT setting FROM pg_settings WHERE name = 'deadlock_timeout'")
+            .fetch_optional(pool)
+            .await?;
+    let deadlock_timeout = deadlock_timeout_ms
+        .and_then(|ms| ms.parse::<u64>().ok())
+        .map_or(Duration::from_secs(1), Duration::from_millis);
+    let waits = u32::try_from(tables.max(1) * 2).unwrap_or(u32::MAX);
+    Ok((deadlock_timeout / waits).clamp(Duration::from_millis(5), SWAP_TABLE_WAIT))
+}
+
+/// Exponential, with jitter so that two rebuilds (or a rebuild and a
+/// periodic reader) do not keep meeting at the same moment.
+fn swap_backoff(attempt: u32) -> Duration {
+    let doubled = SWAP_BACKOFF_FIRST.saturating_mul(1 << attempt.saturating_sub(1).min(16));
+    let ceiling = doubled.min(SWAP_BACKOFF_MAX);
+    // Any random bits will do; a v4 UUID is random and already at hand.
+    let fraction = f64::from(uuid::Uuid::new_v4().as_u128() as u16) / f64::from(u16::MAX);
+    ceiling.mul_f64(0.5 + fraction / 2.0)
+}
+
+/// Takes the projection's lock and its live tables, catches the copy up to
+/// the live head, and swaps it in. Returns the final progress. Fails with a
+/// lock timeout, having changed nothing, when it cannot take the live
+/// runner's lock or a live table within its short waits.
+///
+/// The locks come before the catch-up because a transaction that has
+/// written holds back the visibility horizon of every projection of the
+/// cluster (see `runner`): the swap writes only once it has everything it
+/// waits for, so its waits never delay anyone's read-your-writes.
 async fn swap(
     pool: &PgPool,
     projection: &dyn Projection,
     scratch: &Scratch,
     progress: Progress,
+    table_wait: Duration,
 ) -> Result<Progress, ProjectionError> {
     let mut tx = pool.begin().await?;
     scratch.use_in(&mut tx).await?;
-    sqlx::query("SELECT set_config('lock_timeout', $1, true)")
-        .bind(SWAP_LOCK_TIMEOUT)
-        .execute(&mut *tx)
-        .await?;
+    set_lock_timeout(&mut tx, SWAP_RUNNER_WAIT).await?;
     // The live runner (of every instance) now waits: nothing moves the live
     // tables or the checkpoint until this transaction ends.
     sqlx::query("SELECT pg_advisory_xact_lock($1)")
         .bind(lock_key(projection.name()))
         .execute(&mut *tx)
         .await?;
-    let tail = replay(&mut tx, projection, progress.position, None).await?;
+    set_lock_timeout(&mut tx, table_wait).await?;
     let live_tables = scratch
         .tables
         .iter()
@@ -250,6 +326,9 @@ async fn swap(
     ))
     .execute(&mut *tx)
     .await?;
+    // Readers of the live tables wait from here on: the tail is what
+    // arrived since the last catch-up beside, a moment ago.
+    let tail = replay(&mut tx, projection, scratch, progress.position, None).await?;
     for table in &scratch.tables {
         // Index names were made equal to the live ones when the copy was
         // created; they are free again once the live table is dropped.
@@ -279,6 +358,15 @@ async fn swap(
         applied: progress.applied + tail.applied,
         position: tail.position,
     })
+}
+
+/// Bounds every lock wait of the rest of the transaction.
+async fn set_lock_timeout(tx: &mut PgConnection, wait: Duration) -> Result<(), ProjectionError> {
+    sqlx::query("SELECT set_config('lock_timeout', $1, true)")
+        .bind(format!("{}ms", wait.as_millis().max(1)))
+        .execute(tx)
+        .await?;
+    Ok(())
 }
 
 async fn build_and_compare(
@@ -315,6 +403,7 @@ async fn build_and_compare(
     let tail = replay(
         &mut tail_tx,
         projection.as_ref(),
+        scratch,
         built.position,
         Some(live_at),
     )
@@ -368,7 +457,14 @@ async fn build(
     loop {
         let mut tx = pool.begin().await?;
         scratch.use_in(&mut tx).await?;
-        let batch = replay_batch(&mut tx, projection, total.position, None).await?;
+        let batch = replay_batch(
+            &mut tx,
+            projection,
+            total.position,
+            None,
+            &scratch.unhandled,
+        )
+        .await?;
         tx.commit().await?;
         if batch.read == 0 {
             return Ok(total);
@@ -384,6 +480,7 @@ async fn build(
 async fn replay(
     tx: &mut PgConnection,
     projection: &dyn Projection,
+    scratch: &Scratch,
     after: GlobalPosition,
     until: Option<GlobalPosition>,
 ) -> Result<Progress, ProjectionError> {
@@ -392,7 +489,7 @@ async fn replay(
         ..Progress::default()
     };
     loop {
-        let batch = replay_batch(tx, projection, total.position, until).await?;
+        let batch = replay_batch(tx, projection, total.position, until, &scratch.unhandled).await?;
         if batch.read == 0 {
             return Ok(total);
         }
@@ -407,41 +504,27 @@ async fn replay_batch(
     projection: &dyn Projection,
     after: GlobalPosition,
     until: Option<GlobalPosition>,
+    unhandled: &UnhandledTypes,
 ) -> Result<Progress, ProjectionError> {
-    let until = until.unwrap_or(GlobalPosition {
-        txid: i64::MAX,
-        position: i64::MAX,
-    });
-    let events: Vec<StoredEvent> = sqlx::query_as(&format!(
-        "SELECT {STORED_EVENT_COLUMNS} FROM events \
-         WHERE (txid, position) > ($1, $2) AND (txid, position) <= ($3, $4) \
-           AND txid < pg_snapshot_xmin(pg_current_snapshot())::text::bigint \
-         ORDER BY txid, position LIMIT $5"
-    ))
-    .bind(after.txid)
-    .bind(after.position)
-    .bind(until.txid)
-    .bind(until.position)
-    .bind(BATCH_SIZE)
-    .fetch_all(&mut *tx)
-    .await?;
+    let events = read_events(tx, after, until, BATCH_SIZE, &unhandled.known()).await?;
+    unhandled.learn(projection, &events);
     let Some(last) = events.last().map(StoredEvent::global_position) else {
         return Ok(Progress {
             position: after,
             ..Progress::default()
         });
     };
-    let mut applied = 0;
-    for event in events
-        .iter()
+    let read = events.len() as u64;
+    let relevant: Vec<StoredEvent> = events
+        .into_iter()
         .filter(|event| projection.handles(&event.aggregate_type))
-    {
-        projection.apply(tx, event).await?;
-        applied += 1;
+        .collect();
+    if !relevant.is_empty() {
+        projection.apply_batch(tx, &relevant).await?;
     }
     Ok(Progress {
-        read: events.len() as u64,
-        applied,
+        read,
+        applied: relevant.len() as u64,
         position: last,
     })
 }
@@ -454,7 +537,7 @@ async fn replay_batch(
 /// right too. But a rebuild is how a wrong read model is repaired, and a
 /// cached copy of a wrong row carries the same version as the repaired row,
 /// so nothing would ever replace it before it expires. Announcing every
-/// aggregate makes each projection drop or refresh its entries.
+/// aggregate makes each projection replace or drop its entries.
 async fn announce_aggregates(
     pool: &PgPool,
     projection: &dyn Projection,
@@ -502,7 +585,7 @@ async fn announce_aggregates(
                 break;
             };
             before_id = Some(last.aggregate_id.clone());
-            projection.after_commit(&latest).await;
+            projection.after_rebuild(&latest).await;
         }
     }
     Ok(())
@@ -590,6 +673,9 @@ struct Scratch {
     schema: String,
     live_schema: String,
     tables: Vec<&'static str>,
+    /// Aggregate types the projection does not handle, learnt while
+    /// replaying, whose payloads are then left unread.
+    unhandled: UnhandledTypes,
 }
 
 impl Scratch {
@@ -626,6 +712,7 @@ impl Scratch {
             schema: format!("rebuild_{label}_{}", &suffix[..12]),
             live_schema,
             tables,
+            unhandled: UnhandledTypes::default(),
         };
         let mut tx = pool.begin().await?;
         sqlx::raw_sql(&format!("CREATE SCHEMA {}", quote_ident(&scratch.schema)))

@@ -6,15 +6,18 @@
 //! the visibility horizon, apply them, move the checkpoint, commit. The
 //! horizon is the oldest transaction still running: everything below it is
 //! final, so a transaction that commits late with a smaller position is read
-//! when it commits, never skipped.
+//! when it commits, never skipped. Transaction ids belong to the whole
+//! Postgres cluster, so any transaction that has written, in any database,
+//! holds every projection back while it runs: keep writing transactions
+//! short, here and everywhere else.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use sqlx::{PgConnection, PgPool};
 use tokio::sync::watch;
 
-use crate::stored_event::{GlobalPosition, StoredEvent, STORED_EVENT_COLUMNS};
+use crate::stored_event::{GlobalPosition, StoredEvent};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProjectionError {
@@ -67,6 +70,22 @@ pub trait Projection: Send + Sync + 'static {
         event: &StoredEvent,
     ) -> Result<(), ProjectionError>;
 
+    /// Folds a batch of events this projection handles, in the store's
+    /// order, inside one transaction. Must leave exactly the rows that
+    /// `apply` on each event in turn leaves; projections that see many
+    /// events per step override it to write each row once per batch instead
+    /// of once per event.
+    async fn apply_batch(
+        &self,
+        tx: &mut PgConnection,
+        events: &[StoredEvent],
+    ) -> Result<(), ProjectionError> {
+        for event in events {
+            self.apply(tx, event).await?;
+        }
+        Ok(())
+    }
+
     /// Empties the read model, inside a transaction, before a rebuild.
     async fn reset(&self, tx: &mut PgConnection) -> Result<(), ProjectionError>;
 
@@ -74,6 +93,24 @@ pub trait Projection: Send + Sync + 'static {
     /// as dropping cache entries. Failures are logged, never retried: caches
     /// carry versions and expire, so a missed invalidation heals itself.
     async fn after_commit(&self, _events: &[StoredEvent]) {}
+
+    /// Runs after a rebuild swapped the read model in, with the latest event
+    /// of every aggregate it holds. A rebuild reproduces the versions cache
+    /// entries carry, so a cached copy of a row the rebuild repaired is as
+    /// new as the repaired row: entries of the same version must be replaced
+    /// or dropped, not only older ones. The default hands the events to
+    /// `after_commit`, which is right when that drops entries (a tombstone
+    /// replaces an entry of its own version).
+    async fn after_rebuild(&self, latest: &[StoredEvent]) {
+        self.after_commit(latest).await;
+    }
+
+    /// Whether `after_commit` and `after_rebuild` mirror rows anywhere
+    /// outside Postgres. A rebuild hands every aggregate to those that do,
+    /// a walk over the whole store that it spares the others.
+    fn mirrors_rows(&self) -> bool {
+        true
+    }
 }
 
 /// What one step did.
@@ -92,6 +129,7 @@ pub struct ProjectionRunner {
     projection: Arc<dyn Projection>,
     batch_size: i64,
     checkpoint: watch::Sender<GlobalPosition>,
+    unhandled: UnhandledTypes,
 }
 
 impl ProjectionRunner {
@@ -101,6 +139,7 @@ impl ProjectionRunner {
             projection,
             batch_size: 500,
             checkpoint: watch::channel(GlobalPosition::START).0,
+            unhandled: UnhandledTypes::default(),
         }
     }
 
@@ -150,17 +189,27 @@ impl ProjectionRunner {
         .map(|(txid, position)| GlobalPosition { txid, position })
         .ok_or_else(|| ProjectionError::Other(format!("{} is not registered", self.name())))?;
 
-        let events = read_events_after(&mut tx, after, self.batch_size).await?;
+        let events = read_events(
+            &mut tx,
+            after,
+            None,
+            self.batch_size,
+            &self.unhandled.known(),
+        )
+        .await?;
+        self.unhandled.learn(self.projection.as_ref(), &events);
         let Some(last) = events.last().map(StoredEvent::global_position) else {
             self.checkpoint
                 .send_if_modified(|current| replace_if_newer(current, after));
             return Ok(StepOutcome::Idle);
         };
-        for event in events
-            .iter()
+        let read = events.len();
+        let relevant: Vec<StoredEvent> = events
+            .into_iter()
             .filter(|e| self.projection.handles(&e.aggregate_type))
-        {
-            self.projection.apply(&mut tx, event).await?;
+            .collect();
+        if !relevant.is_empty() {
+            self.projection.apply_batch(&mut tx, &relevant).await?;
         }
         sqlx::query(
             "UPDATE projection_checkpoints SET last_txid = $2, last_position = $3, updated_at = now() \
@@ -176,29 +225,40 @@ impl ProjectionRunner {
         // Side effects first, then the local checkpoint: whoever waits on
         // this runner for a write (read-your-writes) then also finds the
         // caches already refreshed or dropped.
-        let relevant: Vec<StoredEvent> = events
-            .iter()
-            .filter(|e| self.projection.handles(&e.aggregate_type))
-            .cloned()
-            .collect();
         if !relevant.is_empty() {
             self.projection.after_commit(&relevant).await;
         }
         self.checkpoint
             .send_if_modified(|current| replace_if_newer(current, last));
         metrics::counter!("projection_events_applied_total", "projection" => self.name())
-            .increment(events.len() as u64);
-        Ok(StepOutcome::Applied(events.len()))
+            .increment(read as u64);
+        Ok(StepOutcome::Applied(read))
     }
 
-    /// Steps until nothing is left below the horizon; for tests and rebuilds.
+    /// Steps until the projection has applied every event committed before
+    /// the call (this runner or another), and returns how many events this
+    /// runner stepped past; for tests, seeding and rebuilds. Nothing left
+    /// below the horizon is not enough: the horizon is the oldest
+    /// transaction running anywhere in the cluster, so an unrelated long
+    /// transaction can hold committed events above it for a while.
     pub async fn catch_up(&self) -> Result<usize, ProjectionError> {
+        let newest: Option<(i64, i64)> = sqlx::query_as(
+            "SELECT txid, position FROM events ORDER BY txid DESC, position DESC LIMIT 1",
+        )
+        .fetch_optional(&self.pool)
+        .await?;
+        let target = newest.map_or(GlobalPosition::START, |(txid, position)| GlobalPosition {
+            txid,
+            position,
+        });
         let mut applied = 0;
         loop {
             match self.try_step().await? {
                 StepOutcome::Applied(n) => applied += n,
-                StepOutcome::Idle => return Ok(applied),
-                StepOutcome::Busy => tokio::time::sleep(Duration::from_millis(5)).await,
+                StepOutcome::Idle if *self.checkpoint.borrow() >= target => return Ok(applied),
+                StepOutcome::Idle | StepOutcome::Busy => {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
             }
         }
     }
@@ -300,17 +360,68 @@ pub async fn read_events_after(
     after: GlobalPosition,
     limit: i64,
 ) -> Result<Vec<StoredEvent>, sqlx::Error> {
-    sqlx::query_as::<_, StoredEvent>(&format!(
-        "SELECT {STORED_EVENT_COLUMNS} FROM events \
-         WHERE (txid, position) > ($1, $2) \
+    read_events(conn, after, None, limit, &[]).await
+}
+
+/// Events after `after` (and up to `until`) in global order, up to the
+/// visibility horizon. Events of the `unhandled` aggregate types come
+/// without payload and metadata (both JSON `null`): a projection only
+/// needs to see that they are there, to move its checkpoint past them,
+/// and in a flash sale most events belong to other projections.
+pub(crate) async fn read_events(
+    conn: &mut PgConnection,
+    after: GlobalPosition,
+    until: Option<GlobalPosition>,
+    limit: i64,
+    unhandled: &[String],
+) -> Result<Vec<StoredEvent>, sqlx::Error> {
+    let until = until.unwrap_or(GlobalPosition {
+        txid: i64::MAX,
+        position: i64::MAX,
+    });
+    sqlx::query_as::<_, StoredEvent>(
+        "SELECT position, txid, aggregate_type, aggregate_id, sequence, event_type, event_version, \
+                CASE WHEN aggregate_type = ANY($6) THEN 'null'::jsonb ELSE payload END AS payload, \
+                CASE WHEN aggregate_type = ANY($6) THEN 'null'::jsonb ELSE metadata END AS metadata, \
+                recorded_at \
+         FROM events \
+         WHERE (txid, position) > ($1, $2) AND (txid, position) <= ($3, $4) \
            AND txid < pg_snapshot_xmin(pg_current_snapshot())::text::bigint \
-         ORDER BY txid, position LIMIT $3"
-    ))
+         ORDER BY txid, position LIMIT $5",
+    )
     .bind(after.txid)
     .bind(after.position)
+    .bind(until.txid)
+    .bind(until.position)
     .bind(limit)
+    .bind(unhandled)
     .fetch_all(conn)
     .await
+}
+
+/// The aggregate types a projection has said it does not handle, learnt
+/// from the events it was shown. Only types `handles` has refused are ever
+/// listed, so a type it handles is always read in full, new ones included.
+#[derive(Default)]
+pub(crate) struct UnhandledTypes(Mutex<Vec<String>>);
+
+impl UnhandledTypes {
+    pub(crate) fn known(&self) -> Vec<String> {
+        self.0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    pub(crate) fn learn(&self, projection: &dyn Projection, events: &[StoredEvent]) {
+        let mut known = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        for event in events {
+            if !known.contains(&event.aggregate_type) && !projection.handles(&event.aggregate_type)
+            {
+                known.push(event.aggregate_type.clone());
+            }
+        }
+    }
 }
 
 /// A stable 64-bit advisory-lock key for a projection name (FNV-1a), so the

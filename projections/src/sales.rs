@@ -28,6 +28,8 @@ use uuid::Uuid;
 use crate::runner::{Projection, ProjectionError};
 use crate::stored_event::StoredEvent;
 
+mod batch;
+
 pub const NAME: &str = "sales";
 
 pub struct SalesProjection;
@@ -99,6 +101,10 @@ impl Projection for SalesProjection {
             "sales_orders",
             "sales_order_lines",
         ]
+    }
+
+    fn mirrors_rows(&self) -> bool {
+        false
     }
 
     async fn apply(
@@ -173,6 +179,14 @@ impl Projection for SalesProjection {
             } => refunded(tx, order_id, &order, amount_cents, refunded_at).await?,
         }
         Ok(())
+    }
+
+    async fn apply_batch(
+        &self,
+        tx: &mut PgConnection,
+        events: &[StoredEvent],
+    ) -> Result<(), ProjectionError> {
+        batch::apply_batch(tx, events).await
     }
 
     async fn reset(&self, tx: &mut PgConnection) -> Result<(), ProjectionError> {

@@ -3,9 +3,13 @@
 //! versioned Redis cache after each batch commits.
 //!
 //! The events carry `on_hand` and `reserved` as they are after the event, so
-//! the projection only writes them, guarded by the item's sequence.
+//! the projection only writes them, guarded by the item's sequence. In a
+//! flash sale one item gets hundreds of events per step; a batch folds them
+//! in memory and writes each item's row once.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
+
+use chrono::{DateTime, Utc};
 
 use cqrs_es::Aggregate;
 use domain::inventory::{InventoryEvent, InventoryItem};
@@ -94,17 +98,9 @@ impl Projection for StockProjection {
         tx: &mut PgConnection,
         event: &StoredEvent,
     ) -> Result<(), ProjectionError> {
-        let variant_id: Uuid = event.aggregate_id.parse().map_err(|_| {
-            ProjectionError::Other(format!(
-                "inventory item id {:?} is not a UUID",
-                event.aggregate_id
-            ))
-        })?;
-        let payload: InventoryEvent = event
-            .decode()
-            .map_err(|e| ProjectionError::decode(event, e))?;
-        let (on_hand, reserved) = match payload {
-            InventoryEvent::ItemRegistered { sku, on_hand, .. } => {
+        let (variant_id, change) = StockChange::of(event)?;
+        let (on_hand, reserved) = match change {
+            StockChange::Registered { sku, on_hand } => {
                 sqlx::query(
                     "INSERT INTO stock_levels (variant_id, sku, on_hand, reserved, version, updated_at) \
                      VALUES ($1, $2, $3, 0, $4, $5) \
@@ -114,29 +110,15 @@ impl Projection for StockProjection {
                      WHERE stock_levels.version < EXCLUDED.version",
                 )
                 .bind(variant_id)
-                .bind(sku.as_str())
-                .bind(i64::from(on_hand))
+                .bind(sku)
+                .bind(on_hand)
                 .bind(event.sequence)
                 .bind(event.recorded_at)
                 .execute(tx)
                 .await?;
                 return Ok(());
             }
-            InventoryEvent::StockAdded {
-                on_hand, reserved, ..
-            }
-            | InventoryEvent::OnHandSet {
-                on_hand, reserved, ..
-            }
-            | InventoryEvent::StockReserved {
-                on_hand, reserved, ..
-            }
-            | InventoryEvent::ReservationReleased {
-                on_hand, reserved, ..
-            }
-            | InventoryEvent::ReservationCommitted {
-                on_hand, reserved, ..
-            } => (on_hand, reserved),
+            StockChange::Levels { on_hand, reserved } => (on_hand, reserved),
         };
         sqlx::query(
             "UPDATE stock_levels SET on_hand = $3, reserved = $4, version = $2, updated_at = $5 \
@@ -144,10 +126,101 @@ impl Projection for StockProjection {
         )
         .bind(variant_id)
         .bind(event.sequence)
-        .bind(i64::from(on_hand))
-        .bind(i64::from(reserved))
+        .bind(on_hand)
+        .bind(reserved)
         .bind(event.recorded_at)
         .execute(tx)
+        .await?;
+        Ok(())
+    }
+
+    /// Reads the rows of the items the batch touches, folds the events
+    /// into them in memory exactly as `apply` would (same guards), and
+    /// writes each changed row once.
+    async fn apply_batch(
+        &self,
+        tx: &mut PgConnection,
+        events: &[StoredEvent],
+    ) -> Result<(), ProjectionError> {
+        let changes = events
+            .iter()
+            .map(|event| StockChange::of(event).map(|(id, change)| (id, event, change)))
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut seen = HashSet::new();
+        let variant_ids: Vec<Uuid> = changes
+            .iter()
+            .map(|(id, _, _)| *id)
+            .filter(|id| seen.insert(*id))
+            .collect();
+        // Locked, as `sync-reserved-stock` locks a row before repairing it.
+        let mut rows: HashMap<Uuid, StockRow> = sqlx::query_as::<_, StockRow>(
+            "SELECT variant_id, sku, on_hand, reserved, version, updated_at FROM stock_levels \
+             WHERE variant_id = ANY($1) ORDER BY variant_id FOR UPDATE",
+        )
+        .bind(&variant_ids)
+        .fetch_all(&mut *tx)
+        .await?
+        .into_iter()
+        .map(|row| (row.variant_id, row))
+        .collect();
+        let mut changed = HashSet::new();
+        for (variant_id, event, change) in changes {
+            let row = rows.get_mut(&variant_id);
+            let fresh = row.as_ref().is_none_or(|row| row.version < event.sequence);
+            match (change, row) {
+                (StockChange::Registered { sku, on_hand }, None) => {
+                    rows.insert(
+                        variant_id,
+                        StockRow {
+                            variant_id,
+                            sku,
+                            on_hand,
+                            reserved: 0,
+                            version: event.sequence,
+                            updated_at: event.recorded_at,
+                        },
+                    );
+                }
+                (StockChange::Registered { sku, on_hand }, Some(row)) if fresh => {
+                    row.sku = sku;
+                    row.set(on_hand, 0, event);
+                }
+                (StockChange::Levels { on_hand, reserved }, Some(row)) if fresh => {
+                    row.set(on_hand, reserved, event);
+                }
+                // Already applied, or an item never registered: `apply`'s
+                // guarded statements change nothing either.
+                _ => continue,
+            }
+            changed.insert(variant_id);
+        }
+        let written: Vec<&StockRow> = variant_ids
+            .iter()
+            .filter(|id| changed.contains(*id))
+            .filter_map(|id| rows.get(id))
+            .collect();
+        if written.is_empty() {
+            return Ok(());
+        }
+        let column = |field: fn(&StockRow) -> i64| {
+            written.iter().map(|row| field(row)).collect::<Vec<i64>>()
+        };
+        sqlx::query(
+            "INSERT INTO stock_levels (variant_id, sku, on_hand, reserved, version, updated_at) \
+             SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::bigint[], $4::bigint[], $5::bigint[], \
+                                  $6::timestamptz[]) \
+             ON CONFLICT (variant_id) DO UPDATE SET sku = EXCLUDED.sku, on_hand = EXCLUDED.on_hand, \
+                 reserved = EXCLUDED.reserved, version = EXCLUDED.version, \
+                 updated_at = EXCLUDED.updated_at \
+             WHERE stock_levels.version < EXCLUDED.version",
+        )
+        .bind(written.iter().map(|row| row.variant_id).collect::<Vec<_>>())
+        .bind(written.iter().map(|row| row.sku.as_str()).collect::<Vec<_>>())
+        .bind(column(|row| row.on_hand))
+        .bind(column(|row| row.reserved))
+        .bind(column(|row| row.version))
+        .bind(written.iter().map(|row| row.updated_at).collect::<Vec<_>>())
+        .execute(&mut *tx)
         .await?;
         Ok(())
     }
@@ -158,6 +231,26 @@ impl Projection for StockProjection {
     }
 
     async fn after_commit(&self, events: &[StoredEvent]) {
+        self.mirror(events, CacheWrite::Refresh).await;
+    }
+
+    async fn after_rebuild(&self, latest: &[StoredEvent]) {
+        self.mirror(latest, CacheWrite::Replace).await;
+    }
+}
+
+/// How the cache takes a row the projection just wrote.
+#[derive(Debug, Clone, Copy)]
+enum CacheWrite {
+    /// Over older versions only.
+    Refresh,
+    /// Over the same version too (after a rebuild, which keeps versions).
+    Replace,
+}
+
+impl StockProjection {
+    /// Copies the rows of the items `events` touched into the cache.
+    async fn mirror(&self, events: &[StoredEvent], write: CacheWrite) {
         let mut seen = HashSet::new();
         let touched: Vec<Uuid> = events
             .iter()
@@ -167,9 +260,11 @@ impl Projection for StockProjection {
         match stock_entries(&self.pool, &touched).await {
             Ok(rows) => {
                 for (variant_id, version, entry) in rows {
-                    self.cache
-                        .refresh(&keys::stock(variant_id), version, &entry)
-                        .await;
+                    let key = keys::stock(variant_id);
+                    match write {
+                        CacheWrite::Refresh => self.cache.refresh(&key, version, &entry).await,
+                        CacheWrite::Replace => self.cache.replace(&key, version, &entry).await,
+                    }
                 }
             }
             Err(error) => {
@@ -184,5 +279,73 @@ impl Projection for StockProjection {
                 }
             }
         }
+    }
+}
+
+/// What an inventory event does to its item's row.
+enum StockChange {
+    /// The item is tracked from now on, with nothing reserved.
+    Registered { sku: String, on_hand: i64 },
+    /// The item's levels after the event.
+    Levels { on_hand: i64, reserved: i64 },
+}
+
+impl StockChange {
+    /// The item an event belongs to and what it changes.
+    fn of(event: &StoredEvent) -> Result<(Uuid, Self), ProjectionError> {
+        let variant_id: Uuid = event.aggregate_id.parse().map_err(|_| {
+            ProjectionError::Other(format!(
+                "inventory item id {:?} is not a UUID",
+                event.aggregate_id
+            ))
+        })?;
+        let payload: InventoryEvent = event
+            .decode()
+            .map_err(|e| ProjectionError::decode(event, e))?;
+        let change = match payload {
+            InventoryEvent::ItemRegistered { sku, on_hand, .. } => Self::Registered {
+                sku: sku.as_str().to_owned(),
+                on_hand: i64::from(on_hand),
+            },
+            InventoryEvent::StockAdded {
+                on_hand, reserved, ..
+            }
+            | InventoryEvent::OnHandSet {
+                on_hand, reserved, ..
+            }
+            | InventoryEvent::StockReserved {
+                on_hand, reserved, ..
+            }
+            | InventoryEvent::ReservationReleased {
+                on_hand, reserved, ..
+            }
+            | InventoryEvent::ReservationCommitted {
+                on_hand, reserved, ..
+            } => Self::Levels {
+                on_hand: i64::from(on_hand),
+                reserved: i64::from(reserved),
+            },
+        };
+        Ok((variant_id, change))
+    }
+}
+
+/// A row of `stock_levels`, as a batch folds events into it.
+#[derive(Debug, sqlx::FromRow)]
+struct StockRow {
+    variant_id: Uuid,
+    sku: String,
+    on_hand: i64,
+    reserved: i64,
+    version: i64,
+    updated_at: DateTime<Utc>,
+}
+
+impl StockRow {
+    fn set(&mut self, on_hand: i64, reserved: i64, event: &StoredEvent) {
+        self.on_hand = on_hand;
+        self.reserved = reserved;
+        self.version = event.sequence;
+        self.updated_at = event.recorded_at;
     }
 }

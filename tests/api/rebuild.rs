@@ -231,6 +231,146 @@ async fn verify_projections_finds_rows_tampered_with_and_a_rebuild_repairs_them(
     );
 }
 
+/// The swap takes the catalog's tables one after another; a cart read joins
+/// them in another order. Staged here so that the reader waits first, which
+/// makes it the one whose deadlock check would fire: a swap that held one
+/// table while waiting a second for the next failed the reader's query.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_swap_never_makes_a_reader_its_deadlock_victim() {
+    let app = spawn_app().await;
+    let admin = TestUser::create_admin(&app).await;
+    stocked_product(&app, &admin, 1999, 5).await;
+    settle_projections(&app).await;
+
+    // A reader midway through a join: it holds the variants, and will ask
+    // for the products next.
+    let mut reader = app.pool.begin().await.expect("reader");
+    let _: i64 = sqlx::query_scalar("SELECT count(*) FROM catalog_variants")
+        .fetch_one(&mut *reader)
+        .await
+        .expect("variants read");
+    // Someone else reading the products keeps the swap waiting there.
+    let mut blocker = app.pool.begin().await.expect("blocker");
+    let _: i64 = sqlx::query_scalar("SELECT count(*) FROM catalog_products")
+        .fetch_one(&mut *blocker)
+        .await
+        .expect("products read");
+    let catalog: Vec<Arc<dyn Projection>> = read_models(&app)
+        .into_iter()
+        .filter(|projection| projection.name() == projections::catalog::NAME)
+        .collect();
+    // Rebuild futures are not `Send` for every lifetime (an sqlx limit),
+    // so the swap runs beside the staging in this task.
+    let rebuilt = AtomicBool::new(false);
+    let rebuild = async {
+        let outcome = rebuild_all(&app.pool, &catalog).await;
+        rebuilt.store(true, Ordering::Relaxed);
+        outcome
+    };
+    let stage = async {
+        wait_for_lock(&app, "catalog_products", "AccessExclusiveLock", || {
+            rebuilt.load(Ordering::Relaxed)
+        })
+        .await;
+        let reading = tokio::spawn(async move {
+            let products = count_products(&mut reader).await;
+            (reader, products)
+        });
+        wait_for_lock(&app, "catalog_products", "AccessShareLock", || {
+            reading.is_finished()
+        })
+        .await;
+        blocker.commit().await.expect("blocker done");
+        let (reader, products) = reading.await.expect("reader finished");
+        reader.commit().await.expect("reader done");
+        products
+    };
+    let (rebuilt, products) = tokio::join!(rebuild, stage);
+
+    assert_eq!(products.expect("the reader's join is answered"), 1);
+    rebuilt.expect("the swap happened once the reader let go");
+}
+
+async fn count_products(conn: &mut sqlx::PgConnection) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar("SELECT count(*) FROM catalog_products")
+        .fetch_one(conn)
+        .await
+}
+
+/// Waits until some session waits for `mode` on `table`, or `done` says
+/// there is nothing left to wait for.
+async fn wait_for_lock(app: &TestApp, table: &str, mode: &str, done: impl Fn() -> bool) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !done() {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_locks WHERE relation = to_regclass($1) AND mode = $2 \
+             AND NOT granted",
+        )
+        .bind(table)
+        .bind(mode)
+        .fetch_one(&app.pool)
+        .await
+        .expect("locks read");
+        if waiting > 0 {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "nobody waited for {mode} on {table}"
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_rebuild_replaces_a_cached_stock_level_of_the_same_version() {
+    let app = spawn_app().await;
+    let admin = TestUser::create_admin(&app).await;
+    let item = stocked_product(&app, &admin, 1999, 50).await;
+    settle_projections(&app).await;
+    sqlx::query("UPDATE stock_levels SET on_hand = on_hand + 5 WHERE variant_id = $1")
+        .bind(item.variant_id)
+        .execute(&app.pool)
+        .await
+        .expect("stock tampered with");
+    // The cache now holds the tampered row at the item's current version,
+    // as it would have if the row had gone wrong by itself.
+    let cached_key = format!("{}stock:{}", app.settings.redis_key_prefix, item.variant_id);
+    let mut redis = app.state.redis.connection().expect("a Redis connection");
+    let _: () = redis::cmd("DEL")
+        .arg(&cached_key)
+        .query_async(&mut redis)
+        .await
+        .expect("DEL");
+    assert_eq!(on_hand(&app, &admin, item.variant_id).await, 55);
+
+    let stock: Vec<Arc<dyn Projection>> = read_models(&app)
+        .into_iter()
+        .filter(|projection| projection.name() == projections::stock::NAME)
+        .collect();
+    rebuild_all(&app.pool, &stock).await.expect("rebuilt");
+
+    assert_eq!(
+        on_hand(&app, &admin, item.variant_id).await,
+        50,
+        "the repaired row is served, not the cached copy of the tampered one"
+    );
+}
+
+/// A variant's `on_hand` as an admin reads it (from the cache when there).
+async fn on_hand(app: &TestApp, admin: &TestUser, variant_id: uuid::Uuid) -> i64 {
+    let level: Value = app
+        .get_as(
+            &format!("/api/v1/stock/get-stock-level/{variant_id}"),
+            &admin.access_token,
+        )
+        .await
+        .json()
+        .await
+        .expect("stock level JSON");
+    level["on_hand"].as_i64().unwrap_or(-1)
+}
+
 async fn product_name(app: &TestApp, slug: &str) -> String {
     let product: Value = app
         .get(&format!("/api/v1/products/get-product/{slug}"))
@@ -326,13 +466,11 @@ async fn shopper(app: Arc<TestApp>, variant_id: uuid::Uuid, stop: Arc<AtomicBool
     statuses
 }
 
-// Known defect, seen once in a full CI run on 2 busy cores: one request
-// answered 500 during the swap, most likely its read-your-writes wait (5 s)
-// timing out while the rebuild held the projection's lock through its
-// table-lock retries. Kept runnable (`--ignored`) until the swap no longer
-// holds the lock that long; the rebuild issue stays open for it.
+// The swap once failed a request here, rarely: its table locks deadlocked
+// with a cart read joining the catalog tables in the other order, and
+// Postgres chose the reader as the victim. The race is staged on purpose in
+// `a_swap_never_makes_a_reader_its_deadlock_victim`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-#[ignore = "flaky under heavy load: a request can time out waiting during the swap (see comment)"]
 async fn a_rebuild_while_requests_keep_coming_changes_no_read_model() {
     let app = spawn_app().await;
     let admin = TestUser::create_admin(&app).await;
@@ -421,6 +559,53 @@ async fn a_rebuild_while_requests_keep_coming_changes_no_read_model() {
         .expect("order JSON");
     assert_eq!(mine["status"], "created");
     assert_eq!(app.get("/healthz").await.status(), 200);
+}
+
+/// Swaps every projection again and again (`REBUILD_STRESS_ROUNDS`, default
+/// 30) while eight shoppers keep buying, and counts the requests that
+/// failed. Before the swap's short lock waits this found a reader chosen as
+/// a deadlock victim about once in 75 swaps. Run with
+/// `cargo test --test api rebuild_stress -- --ignored --nocapture`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "a stress run, not a check; takes a minute or more"]
+async fn rebuild_stress_under_steady_requests() {
+    let app = spawn_app().await;
+    let admin = TestUser::create_admin(&app).await;
+    busy_run(&app, &admin).await;
+    let plenty = stocked_product(&app, &admin, 999, 100_000).await;
+    settle_projections(&app).await;
+    let app = Arc::new(app);
+    let stop = Arc::new(AtomicBool::new(false));
+    let shoppers: Vec<_> = (0..8)
+        .map(|_| tokio::spawn(shopper(app.clone(), plenty.variant_id, stop.clone())))
+        .collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let rounds: usize = std::env::var("REBUILD_STRESS_ROUNDS")
+        .ok()
+        .and_then(|value| value.parse().ok())
+        .unwrap_or(30);
+    for round in 0..rounds {
+        let started = std::time::Instant::now();
+        rebuild_all(&app.pool, &read_models(&app))
+            .await
+            .expect("rebuilt");
+        println!(
+            "round {round}: every projection swapped in {:?}",
+            started.elapsed()
+        );
+    }
+    stop.store(true, Ordering::Relaxed);
+    let mut statuses = Vec::new();
+    for shopper in shoppers {
+        statuses.extend(shopper.await.expect("shopper finished"));
+    }
+    let failed: Vec<u16> = statuses
+        .iter()
+        .copied()
+        .filter(|status| !matches!(status, 200 | 201))
+        .collect();
+    println!("{} requests, failed: {failed:?}", statuses.len());
+    assert!(failed.is_empty());
 }
 
 #[tokio::test]
@@ -558,4 +743,236 @@ async fn rebuild_speed_on_a_large_store() {
         .await
         .expect("verified");
     assert_clean(&verified);
+}
+
+/// Measures how fast the projections fold a flash sale: one hot variant,
+/// `FLASH_SALE_CHECKOUTS` buyers (default 20,000), each with a cart filled
+/// before the sale, and per checkout the three events a checkout stores
+/// (StockReserved on the hot item, OrderPlaced, CartCheckedOut), written
+/// 50 checkouts to a transaction as a group commit would. Times the live
+/// runners replaying it all from an empty read model, then a rebuild.
+/// Run with `cargo test --test api projection_speed -- --ignored --nocapture`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a measurement, not a check; takes a while"]
+async fn projection_speed_on_a_flash_sale() {
+    use domain::cart::{CartEvent, CartLine};
+    use domain::inventory::InventoryEvent;
+    use domain::order::{OrderEvent, OrderLine};
+    use domain::values::{Currency, Name, Sku};
+
+    let checkouts: u32 = std::env::var("FLASH_SALE_CHECKOUTS")
+        .ok()
+        .and_then(|value| value.parse().ok())
+        .unwrap_or(20_000);
+    let app = spawn_app().await;
+    let product_id = uuid::Uuid::new_v4();
+    let variant_id = uuid::Uuid::new_v4();
+    let sku = Sku::try_from("FLASH-1".to_owned()).expect("a SKU");
+    let buyers: Vec<uuid::Uuid> = (0..checkouts).map(|_| uuid::Uuid::new_v4()).collect();
+    let started = chrono::Utc::now() - chrono::Duration::days(1);
+
+    #[derive(Default)]
+    struct Batch {
+        types: Vec<String>,
+        ids: Vec<String>,
+        sequences: Vec<i64>,
+        kinds: Vec<String>,
+        payloads: Vec<Value>,
+    }
+    impl Batch {
+        fn push(&mut self, aggregate: &str, id: String, sequence: i64, kind: &str, payload: Value) {
+            self.types.push(aggregate.to_owned());
+            self.ids.push(id);
+            self.sequences.push(sequence);
+            self.kinds.push(kind.to_owned());
+            self.payloads.push(payload);
+        }
+        async fn write(self, pool: &sqlx::PgPool) {
+            sqlx::query(
+                "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata) \
+                 SELECT t, id, sequence, kind, '1', payload, '{\"actor\": \"system\"}' \
+                 FROM UNNEST($1::text[], $2::text[], $3::bigint[], $4::text[], $5::jsonb[]) \
+                      AS e(t, id, sequence, kind, payload)",
+            )
+            .bind(&self.types)
+            .bind(&self.ids)
+            .bind(&self.sequences)
+            .bind(&self.kinds)
+            .bind(&self.payloads)
+            .execute(pool)
+            .await
+            .expect("events written");
+        }
+    }
+    fn json<T: serde::Serialize>(value: &T) -> Value {
+        serde_json::to_value(value).expect("an event as JSON")
+    }
+
+    let mut before_sale = Batch::default();
+    before_sale.push(
+        "InventoryItem",
+        variant_id.to_string(),
+        1,
+        "ItemRegistered",
+        json(&InventoryEvent::ItemRegistered {
+            variant_id,
+            sku: sku.clone(),
+            on_hand: checkouts,
+        }),
+    );
+    for buyer in &buyers {
+        before_sale.push(
+            "Cart",
+            buyer.to_string(),
+            1,
+            "CartItemAdded",
+            json(&CartEvent::CartItemAdded {
+                variant_id,
+                added: 1,
+                quantity: 1,
+            }),
+        );
+    }
+    before_sale.write(&app.pool).await;
+    for (group, chunk) in buyers.chunks(50).enumerate() {
+        let mut batch = Batch::default();
+        for (offset, buyer) in chunk.iter().enumerate() {
+            let index = (group * 50 + offset) as u32;
+            let order_id = uuid::Uuid::new_v4();
+            let placed_at = started + chrono::Duration::milliseconds(i64::from(index) * 20);
+            batch.push(
+                "InventoryItem",
+                variant_id.to_string(),
+                i64::from(index) + 2,
+                "StockReserved",
+                json(&InventoryEvent::StockReserved {
+                    order_id,
+                    quantity: 1,
+                    on_hand: checkouts,
+                    reserved: index + 1,
+                }),
+            );
+            batch.push(
+                "Order",
+                order_id.to_string(),
+                1,
+                "OrderPlaced",
+                json(&OrderEvent::OrderPlaced {
+                    order_id,
+                    user_id: *buyer,
+                    lines: vec![OrderLine {
+                        variant_id,
+                        sku: sku.clone(),
+                        product_id,
+                        product_name: Name::try_from("Flash".to_owned()).expect("a name"),
+                        unit_price_cents: 1999,
+                        quantity: 1,
+                        line_total_cents: 1999,
+                    }],
+                    currency: Currency::try_from("USD".to_owned()).expect("a currency"),
+                    total_cents: 1999,
+                    placed_at,
+                    expires_at: placed_at + chrono::Duration::minutes(15),
+                }),
+            );
+            batch.push(
+                "Cart",
+                buyer.to_string(),
+                2,
+                "CartCheckedOut",
+                json(&CartEvent::CartCheckedOut {
+                    order_id,
+                    lines: vec![CartLine {
+                        variant_id,
+                        quantity: 1,
+                    }],
+                }),
+            );
+        }
+        batch.write(&app.pool).await;
+    }
+    let events = 1 + u64::from(checkouts) * 4;
+    settle_projections_within(&app, Duration::from_secs(900)).await;
+
+    // The live runners, from empty read models, all at once.
+    let replay_started = std::time::Instant::now();
+    for runner in app.state.projections.runners() {
+        runner.reset().await.expect("projection reset");
+    }
+    let waits: Vec<_> = app
+        .state
+        .projections
+        .runners()
+        .map(|runner| {
+            let name = runner.name();
+            let projections = app.state.projections.clone();
+            let pool = app.pool.clone();
+            tokio::spawn(async move {
+                let (txid, position): (i64, i64) = sqlx::query_as(
+                    "SELECT txid, position FROM events ORDER BY txid DESC, position DESC LIMIT 1",
+                )
+                .fetch_one(&pool)
+                .await
+                .expect("the newest event");
+                projections
+                    .wait_for(
+                        name,
+                        projections::GlobalPosition { txid, position },
+                        Duration::from_secs(900),
+                    )
+                    .await
+                    .expect("caught up");
+                (name, replay_started.elapsed())
+            })
+        })
+        .collect();
+    for wait in waits {
+        let (name, elapsed) = wait.await.expect("waited");
+        println!(
+            "live {name}: caught up with {events} events in {:.2} s",
+            elapsed.as_secs_f64()
+        );
+    }
+    println!(
+        "live, all projections: {:.2} s, {:.0} events/s",
+        replay_started.elapsed().as_secs_f64(),
+        events as f64 / replay_started.elapsed().as_secs_f64()
+    );
+
+    let reports = rebuild_all(&app.pool, &read_models(&app))
+        .await
+        .expect("rebuilt");
+    for report in &reports {
+        println!(
+            "rebuild {}: {} events ({} applied) in {:.2} s: {:.0} events/s read, {:.0} applied/s",
+            report.projection,
+            report.events_read,
+            report.events_applied,
+            report.elapsed.as_secs_f64(),
+            report.events_per_second(),
+            report.events_applied as f64 / report.elapsed.as_secs_f64()
+        );
+    }
+    let stock: (i64, i64) =
+        sqlx::query_as("SELECT on_hand, reserved FROM stock_levels WHERE variant_id = $1")
+            .bind(variant_id)
+            .fetch_one(&app.pool)
+            .await
+            .expect("stock");
+    assert_eq!(stock, (i64::from(checkouts), i64::from(checkouts)));
+    let orders: i64 = sqlx::query_scalar("SELECT count(*) FROM orders")
+        .fetch_one(&app.pool)
+        .await
+        .expect("orders");
+    assert_eq!(orders, i64::from(checkouts));
+    let lines: i64 = sqlx::query_scalar("SELECT count(*) FROM cart_lines")
+        .fetch_one(&app.pool)
+        .await
+        .expect("cart lines");
+    assert_eq!(lines, 0);
+    assert_clean(
+        &verify_all(&app.pool, &read_models(&app))
+            .await
+            .expect("verified"),
+    );
 }

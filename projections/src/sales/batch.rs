@@ -1,0 +1,592 @@
+//! The sales projection's batch path: a batch's events are folded per order
+//! in memory, with the same guards and the same arithmetic as `apply`, and
+//! every counter row is written once per batch with the sum of what the
+//! batch adds to it, instead of once or twice per event.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+use chrono::{DateTime, Utc};
+use domain::order::{CancelReason, OrderEvent, OrderLine};
+use sqlx::PgConnection;
+use uuid::Uuid;
+
+use super::{hour_start, split_in_proportion, HourDelta};
+use crate::runner::ProjectionError;
+use crate::stored_event::StoredEvent;
+
+/// What the projection keeps of an order, as the batch moves it.
+#[derive(Debug)]
+struct SalesOrder {
+    currency: String,
+    placed_at: DateTime<Utc>,
+    units: i64,
+    paid_cents: i64,
+    version: i64,
+    /// Its lines summed per product, as `sales_order_lines` gives them.
+    products: Vec<ProductTotal>,
+    /// Lines to insert: the order was placed in this batch.
+    new_lines: Option<Vec<OrderLine>>,
+    /// The row existed before the batch and the batch changed it.
+    changed: bool,
+}
+
+#[derive(Debug, Clone, sqlx::FromRow)]
+struct ProductTotal {
+    product_id: Uuid,
+    name: String,
+    units: i64,
+    revenue_cents: i64,
+}
+
+#[derive(Debug, sqlx::FromRow)]
+struct StoredOrder {
+    order_id: Uuid,
+    currency: String,
+    placed_at: DateTime<Utc>,
+    units: i64,
+    paid_cents: i64,
+    version: i64,
+}
+
+/// What the batch adds to one product's hour.
+#[derive(Debug, Default)]
+struct ProductDelta {
+    /// The name the last event touching the row wrote.
+    name: String,
+    units: i64,
+    revenue_cents: i64,
+}
+
+#[derive(Default)]
+struct Sums {
+    hours: BTreeMap<(String, DateTime<Utc>), HourDelta>,
+    products: BTreeMap<(String, DateTime<Utc>, Uuid), ProductDelta>,
+}
+
+impl Sums {
+    /// As `add_to_hours`: a delta of nothing touches no row.
+    fn add_hour(&mut self, currency: &str, at: DateTime<Utc>, delta: HourDelta) {
+        if delta != HourDelta::default() {
+            self.hours
+                .entry((currency.to_owned(), hour_start(at)))
+                .or_default()
+                .add(&delta);
+        }
+    }
+
+    fn add_product(
+        &mut self,
+        currency: &str,
+        at: DateTime<Utc>,
+        product_id: Uuid,
+        name: &str,
+        units: i64,
+        revenue_cents: i64,
+    ) {
+        let row = self
+            .products
+            .entry((currency.to_owned(), hour_start(at), product_id))
+            .or_default();
+        name.clone_into(&mut row.name);
+        row.units += units;
+        row.revenue_cents += revenue_cents;
+    }
+}
+
+pub(super) async fn apply_batch(
+    tx: &mut PgConnection,
+    events: &[StoredEvent],
+) -> Result<(), ProjectionError> {
+    let decoded = events
+        .iter()
+        .map(|event| {
+            let order_id: Uuid = event.aggregate_id.parse().map_err(|_| {
+                ProjectionError::Other(format!("order id {:?} is not a UUID", event.aggregate_id))
+            })?;
+            let payload: OrderEvent = event
+                .decode()
+                .map_err(|e| ProjectionError::decode(event, e))?;
+            Ok((order_id, event, payload))
+        })
+        .collect::<Result<Vec<_>, ProjectionError>>()?;
+    let mut orders = stored_orders(tx, &decoded).await?;
+    let mut sums = Sums::default();
+    let mut placed_order: Vec<Uuid> = Vec::new();
+    for (order_id, event, payload) in decoded {
+        if let OrderEvent::OrderPlaced {
+            lines,
+            currency,
+            placed_at,
+            ..
+        } = payload
+        {
+            if orders.contains_key(&order_id) {
+                continue;
+            }
+            sums.add_hour(
+                currency.as_str(),
+                placed_at,
+                HourDelta {
+                    holds_placed: 1,
+                    ..HourDelta::default()
+                },
+            );
+            orders.insert(
+                order_id,
+                SalesOrder {
+                    currency: currency.as_str().to_owned(),
+                    placed_at,
+                    units: lines.iter().map(|line| i64::from(line.quantity)).sum(),
+                    paid_cents: 0,
+                    version: event.sequence,
+                    products: product_totals(tx, &stored_lines(&lines)).await?,
+                    new_lines: Some(lines),
+                    changed: false,
+                },
+            );
+            placed_order.push(order_id);
+            continue;
+        }
+        let Some(order) = orders
+            .get_mut(&order_id)
+            .filter(|order| order.version < event.sequence)
+        else {
+            continue;
+        };
+        order.version = event.sequence;
+        order.changed = true;
+        match payload {
+            OrderEvent::OrderPlaced { .. } | OrderEvent::PaymentStarted { .. } => {}
+            OrderEvent::OrderPaid {
+                amount_cents,
+                late,
+                paid_at,
+                ..
+            } => {
+                order.paid_cents += amount_cents;
+                sums.add_hour(
+                    &order.currency,
+                    paid_at,
+                    HourDelta {
+                        revenue_cents: amount_cents,
+                        orders_paid: 1,
+                        units_sold: order.units,
+                        ..HourDelta::default()
+                    },
+                );
+                sums.add_hour(
+                    &order.currency,
+                    order.placed_at,
+                    HourDelta {
+                        holds_converted: i64::from(!late),
+                        ..HourDelta::default()
+                    },
+                );
+                for product in &order.products {
+                    sums.add_product(
+                        &order.currency,
+                        paid_at,
+                        product.product_id,
+                        &product.name,
+                        product.units,
+                        product.revenue_cents,
+                    );
+                }
+            }
+            OrderEvent::OrderCancelled {
+                reason,
+                cancelled_at,
+            } => {
+                let expired = reason == CancelReason::Expired;
+                sums.add_hour(
+                    &order.currency,
+                    cancelled_at,
+                    HourDelta {
+                        orders_cancelled: i64::from(!expired),
+                        orders_expired: i64::from(expired),
+                        ..HourDelta::default()
+                    },
+                );
+                sums.add_hour(
+                    &order.currency,
+                    order.placed_at,
+                    HourDelta {
+                        holds_expired: i64::from(expired),
+                        ..HourDelta::default()
+                    },
+                );
+            }
+            OrderEvent::OrderRefunded {
+                amount_cents,
+                refunded_at,
+                ..
+            } => {
+                let taken_off = amount_cents.clamp(0, order.paid_cents);
+                if taken_off == 0 {
+                    continue;
+                }
+                order.paid_cents -= taken_off;
+                sums.add_hour(
+                    &order.currency,
+                    refunded_at,
+                    HourDelta {
+                        revenue_cents: -taken_off,
+                        orders_refunded: 1,
+                        refunded_cents: taken_off,
+                        ..HourDelta::default()
+                    },
+                );
+                let weights: Vec<(Uuid, i64)> = order
+                    .products
+                    .iter()
+                    .map(|product| (product.product_id, product.revenue_cents))
+                    .collect();
+                for (product_id, share) in split_in_proportion(taken_off, &weights) {
+                    let name = order
+                        .products
+                        .iter()
+                        .find(|product| product.product_id == product_id)
+                        .map(|product| product.name.as_str())
+                        .unwrap_or_default();
+                    sums.add_product(&order.currency, refunded_at, product_id, name, 0, -share);
+                }
+            }
+        }
+    }
+    insert_placed(tx, &placed_order, &orders).await?;
+    update_changed(tx, &orders).await?;
+    write_hours(tx, &sums.hours).await?;
+    write_products(tx, &sums.products).await
+}
+
+/// The rows the batch's orders already have, with their lines per product.
+async fn stored_orders(
+    tx: &mut PgConnection,
+    decoded: &[(Uuid, &StoredEvent, OrderEvent)],
+) -> Result<HashMap<Uuid, SalesOrder>, ProjectionError> {
+    let mut seen = HashSet::new();
+    let order_ids: Vec<Uuid> = decoded
+        .iter()
+        .map(|(order_id, _, _)| *order_id)
+        .filter(|order_id| seen.insert(*order_id))
+        .collect();
+    let rows: Vec<StoredOrder> = sqlx::query_as(
+        "SELECT order_id, currency, placed_at, units, paid_cents, version FROM sales_orders \
+         WHERE order_id = ANY($1)",
+    )
+    .bind(&order_ids)
+    .fetch_all(&mut *tx)
+    .await?;
+    // Only a payment or a refund reads an order's lines.
+    let needs_lines: HashSet<Uuid> = decoded
+        .iter()
+        .filter(|(_, _, payload)| {
+            matches!(
+                payload,
+                OrderEvent::OrderPaid { .. } | OrderEvent::OrderRefunded { .. }
+            )
+        })
+        .map(|(order_id, _, _)| *order_id)
+        .collect();
+    let with_lines: Vec<Uuid> = rows
+        .iter()
+        .map(|row| row.order_id)
+        .filter(|order_id| needs_lines.contains(order_id))
+        .collect();
+    let mut products: HashMap<Uuid, Vec<ProductTotal>> = HashMap::new();
+    if !with_lines.is_empty() {
+        let totals: Vec<(Uuid, Uuid, String, i64, i64)> = sqlx::query_as(
+            "SELECT order_id, product_id, min(product_name), sum(quantity)::bigint, \
+                    sum(line_total_cents)::bigint \
+             FROM sales_order_lines WHERE order_id = ANY($1) \
+             GROUP BY order_id, product_id ORDER BY order_id, product_id",
+        )
+        .bind(&with_lines)
+        .fetch_all(&mut *tx)
+        .await?;
+        for (order_id, product_id, name, units, revenue_cents) in totals {
+            products.entry(order_id).or_default().push(ProductTotal {
+                product_id,
+                name,
+                units,
+                revenue_cents,
+            });
+        }
+    }
+    Ok(rows
+        .into_iter()
+        .map(|row| {
+            let order = SalesOrder {
+                currency: row.currency,
+                placed_at: row.placed_at,
+                units: row.units,
+                paid_cents: row.paid_cents,
+                version: row.version,
+                products: products.remove(&row.order_id).unwrap_or_default(),
+                new_lines: None,
+                changed: false,
+            };
+            (row.order_id, order)
+        })
+        .collect())
+}
+
+/// The lines a placement leaves in `sales_order_lines`: the first of each
+/// variant, as `place`'s insert keeps it.
+fn stored_lines(lines: &[OrderLine]) -> Vec<&OrderLine> {
+    let mut variants = HashSet::new();
+    lines
+        .iter()
+        .filter(|line| variants.insert(line.variant_id))
+        .collect()
+}
+
+/// `lines` summed per product, as `paid` and `refunded` read them back.
+async fn product_totals(
+    tx: &mut PgConnection,
+    lines: &[&OrderLine],
+) -> Result<Vec<ProductTotal>, ProjectionError> {
+    let mut totals: BTreeMap<Uuid, (Vec<&str>, i64, i64)> = BTreeMap::new();
+    for line in lines {
+        let total = totals.entry(line.product_id).or_default();
+        total.0.push(line.product_name.as_str());
+        total.1 += i64::from(line.quantity);
+        total.2 += line.line_total_cents;
+    }
+    let mut products = Vec::with_capacity(totals.len());
+    for (product_id, (names, units, revenue_cents)) in totals {
+        products.push(ProductTotal {
+            product_id,
+            name: least_name(tx, &names).await?,
+            units,
+            revenue_cents,
+        });
+    }
+    Ok(products)
+}
+
+/// `min(product_name)` as Postgres orders text (by the database's
+/// collation, not by bytes); asks Postgres only when the names differ.
+async fn least_name(tx: &mut PgConnection, names: &[&str]) -> Result<String, ProjectionError> {
+    let Some(first) = names.first() else {
+        return Ok(String::new());
+    };
+    if names.iter().all(|name| name == first) {
+        return Ok((*first).to_owned());
+    }
+    let least: Option<String> =
+        sqlx::query_scalar("SELECT min(name) FROM UNNEST($1::text[]) AS name")
+            .bind(names)
+            .fetch_one(&mut *tx)
+            .await?;
+    Ok(least.unwrap_or_default())
+}
+
+/// The orders placed in the batch, as the batch left them, and their lines.
+async fn insert_placed(
+    tx: &mut PgConnection,
+    placed_order: &[Uuid],
+    orders: &HashMap<Uuid, SalesOrder>,
+) -> Result<(), ProjectionError> {
+    let placed: Vec<(Uuid, &SalesOrder, &Vec<OrderLine>)> = placed_order
+        .iter()
+        .filter_map(|id| {
+            let order = orders.get(id)?;
+            Some((*id, order, order.new_lines.as_ref()?))
+        })
+        .collect();
+    if placed.is_empty() {
+        return Ok(());
+    }
+    sqlx::query(
+        "INSERT INTO sales_orders (order_id, currency, placed_at, units, paid_cents, version) \
+         SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::timestamptz[], $4::bigint[], \
+                              $5::bigint[], $6::bigint[]) \
+         ON CONFLICT (order_id) DO NOTHING",
+    )
+    .bind(placed.iter().map(|(id, _, _)| *id).collect::<Vec<_>>())
+    .bind(
+        placed
+            .iter()
+            .map(|(_, o, _)| o.currency.as_str())
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        placed
+            .iter()
+            .map(|(_, o, _)| o.placed_at)
+            .collect::<Vec<_>>(),
+    )
+    .bind(placed.iter().map(|(_, o, _)| o.units).collect::<Vec<_>>())
+    .bind(
+        placed
+            .iter()
+            .map(|(_, o, _)| o.paid_cents)
+            .collect::<Vec<_>>(),
+    )
+    .bind(placed.iter().map(|(_, o, _)| o.version).collect::<Vec<_>>())
+    .execute(&mut *tx)
+    .await?;
+    let lines: Vec<(Uuid, &OrderLine)> = placed
+        .iter()
+        .flat_map(|(id, _, lines)| stored_lines(lines).into_iter().map(move |line| (*id, line)))
+        .collect();
+    if lines.is_empty() {
+        return Ok(());
+    }
+    sqlx::query(
+        "INSERT INTO sales_order_lines (order_id, variant_id, product_id, product_name, quantity, \
+                                        line_total_cents) \
+         SELECT * FROM UNNEST($1::uuid[], $2::uuid[], $3::uuid[], $4::text[], $5::bigint[], \
+                              $6::bigint[]) \
+         ON CONFLICT DO NOTHING",
+    )
+    .bind(lines.iter().map(|(id, _)| *id).collect::<Vec<_>>())
+    .bind(lines.iter().map(|(_, l)| l.variant_id).collect::<Vec<_>>())
+    .bind(lines.iter().map(|(_, l)| l.product_id).collect::<Vec<_>>())
+    .bind(
+        lines
+            .iter()
+            .map(|(_, l)| l.product_name.as_str())
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        lines
+            .iter()
+            .map(|(_, l)| i64::from(l.quantity))
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        lines
+            .iter()
+            .map(|(_, l)| l.line_total_cents)
+            .collect::<Vec<_>>(),
+    )
+    .execute(&mut *tx)
+    .await?;
+    Ok(())
+}
+
+/// The orders that existed before the batch and that it moved on.
+async fn update_changed(
+    tx: &mut PgConnection,
+    orders: &HashMap<Uuid, SalesOrder>,
+) -> Result<(), ProjectionError> {
+    let changed: Vec<(Uuid, &SalesOrder)> = orders
+        .iter()
+        .filter(|(_, order)| order.changed && order.new_lines.is_none())
+        .map(|(id, order)| (*id, order))
+        .collect();
+    if changed.is_empty() {
+        return Ok(());
+    }
+    sqlx::query(
+        "UPDATE sales_orders o SET version = v.version, paid_cents = v.paid_cents \
+         FROM UNNEST($1::uuid[], $2::bigint[], $3::bigint[]) AS v(order_id, version, paid_cents) \
+         WHERE o.order_id = v.order_id AND o.version < v.version",
+    )
+    .bind(changed.iter().map(|(id, _)| *id).collect::<Vec<_>>())
+    .bind(changed.iter().map(|(_, o)| o.version).collect::<Vec<_>>())
+    .bind(
+        changed
+            .iter()
+            .map(|(_, o)| o.paid_cents)
+            .collect::<Vec<_>>(),
+    )
+    .execute(&mut *tx)
+    .await?;
+    Ok(())
+}
+
+/// One upsert for every hour the batch touched, adding its sums.
+async fn write_hours(
+    tx: &mut PgConnection,
+    hours: &BTreeMap<(String, DateTime<Utc>), HourDelta>,
+) -> Result<(), ProjectionError> {
+    if hours.is_empty() {
+        return Ok(());
+    }
+    let column = |field: fn(&HourDelta) -> i64| hours.values().map(field).collect::<Vec<i64>>();
+    sqlx::query(
+        "INSERT INTO sales_hourly (currency, bucket_start, revenue_cents, orders_paid, units_sold, \
+             orders_cancelled, orders_expired, orders_refunded, refunded_cents, holds_placed, \
+             holds_converted, holds_expired) \
+         SELECT * FROM UNNEST($1::text[], $2::timestamptz[], $3::bigint[], $4::bigint[], \
+             $5::bigint[], $6::bigint[], $7::bigint[], $8::bigint[], $9::bigint[], $10::bigint[], \
+             $11::bigint[], $12::bigint[]) \
+         ON CONFLICT (currency, bucket_start) DO UPDATE SET \
+             revenue_cents = sales_hourly.revenue_cents + EXCLUDED.revenue_cents, \
+             orders_paid = sales_hourly.orders_paid + EXCLUDED.orders_paid, \
+             units_sold = sales_hourly.units_sold + EXCLUDED.units_sold, \
+             orders_cancelled = sales_hourly.orders_cancelled + EXCLUDED.orders_cancelled, \
+             orders_expired = sales_hourly.orders_expired + EXCLUDED.orders_expired, \
+             orders_refunded = sales_hourly.orders_refunded + EXCLUDED.orders_refunded, \
+             refunded_cents = sales_hourly.refunded_cents + EXCLUDED.refunded_cents, \
+             holds_placed = sales_hourly.holds_placed + EXCLUDED.holds_placed, \
+             holds_converted = sales_hourly.holds_converted + EXCLUDED.holds_converted, \
+             holds_expired = sales_hourly.holds_expired + EXCLUDED.holds_expired",
+    )
+    .bind(hours.keys().map(|(currency, _)| currency.as_str()).collect::<Vec<_>>())
+    .bind(hours.keys().map(|(_, hour)| *hour).collect::<Vec<_>>())
+    .bind(column(|d| d.revenue_cents))
+    .bind(column(|d| d.orders_paid))
+    .bind(column(|d| d.units_sold))
+    .bind(column(|d| d.orders_cancelled))
+    .bind(column(|d| d.orders_expired))
+    .bind(column(|d| d.orders_refunded))
+    .bind(column(|d| d.refunded_cents))
+    .bind(column(|d| d.holds_placed))
+    .bind(column(|d| d.holds_converted))
+    .bind(column(|d| d.holds_expired))
+    .execute(&mut *tx)
+    .await?;
+    Ok(())
+}
+
+/// One upsert for every product hour the batch touched.
+async fn write_products(
+    tx: &mut PgConnection,
+    products: &BTreeMap<(String, DateTime<Utc>, Uuid), ProductDelta>,
+) -> Result<(), ProjectionError> {
+    if products.is_empty() {
+        return Ok(());
+    }
+    sqlx::query(
+        "INSERT INTO sales_product_hourly (currency, bucket_start, product_id, name, units_sold, \
+                                           revenue_cents) \
+         SELECT * FROM UNNEST($1::text[], $2::timestamptz[], $3::uuid[], $4::text[], $5::bigint[], \
+                              $6::bigint[]) \
+         ON CONFLICT (currency, bucket_start, product_id) DO UPDATE SET name = EXCLUDED.name, \
+             units_sold = sales_product_hourly.units_sold + EXCLUDED.units_sold, \
+             revenue_cents = sales_product_hourly.revenue_cents + EXCLUDED.revenue_cents",
+    )
+    .bind(
+        products
+            .keys()
+            .map(|(currency, _, _)| currency.as_str())
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        products
+            .keys()
+            .map(|(_, hour, _)| *hour)
+            .collect::<Vec<_>>(),
+    )
+    .bind(products.keys().map(|(_, _, id)| *id).collect::<Vec<_>>())
+    .bind(
+        products
+            .values()
+            .map(|d| d.name.as_str())
+            .collect::<Vec<_>>(),
+    )
+    .bind(products.values().map(|d| d.units).collect::<Vec<_>>())
+    .bind(
+        products
+            .values()
+            .map(|d| d.revenue_cents)
+            .collect::<Vec<_>>(),
+    )
+    .execute(&mut *tx)
+    .await?;
+    Ok(())
+}
