@@ -18,10 +18,11 @@ use redis::aio::ConnectionManager;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-/// Writes `{v, body}` (mode `set`) or a tombstone `{v}` (mode `tombstone`).
-/// A body is written over nothing, over an older version, or over a
-/// tombstone of the same version; a tombstone over anything not newer than
-/// itself. Both refresh the expiry. Returns 1 when it wrote.
+/// Writes `{v, body}` (mode `set` or `replace`) or a tombstone `{v}` (mode
+/// `tombstone`). `set` writes a body over nothing, over an older version, or
+/// over a tombstone of the same version; `replace` also over a body of the
+/// same version; a tombstone goes over anything not newer than itself. All
+/// refresh the expiry. Returns 1 when it wrote.
 const WRITE_SCRIPT: &str = r"
 local stored = tonumber(redis.call('HGET', KEYS[1], 'v'))
 local version = tonumber(ARGV[1])
@@ -356,5 +357,364 @@ pub mod keys {
     /// A variant's stock, at its InventoryItem's version.
     pub fn stock(variant_id: Uuid) -> String {
         format!("stock:{variant_id}")
+    }
+}
+
+pub use together::{Snapshot, Start};
+
+/// Reads of an entry together with the entries it needs (a product's stock
+/// and category, a cart's products and stock) in one round trip: each read
+/// remembers what the entry needed, and the next read of that entry asks for
+/// those entries in the same pipeline. The memory is only a guess; what a
+/// reader uses is checked against what Redis answered, so a wrong guess
+/// costs a second round trip and never a wrong answer.
+mod together {
+    use std::any::Any;
+    use std::collections::HashMap;
+    use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+
+    use serde::de::DeserializeOwned;
+    use uuid::Uuid;
+
+    use super::{Cached, VersionedCache, CALL_TIMEOUT};
+
+    /// Remembered reads (and parsed bodies) beyond this many are all
+    /// forgotten at once: memory stays bounded, and the entries that are
+    /// read often come back at once.
+    const MAX_REMEMBERED: usize = 10_000;
+    /// The same for the bytes of the parsed bodies kept (each counted
+    /// twice, for its parsed value).
+    const MAX_PARSED_BYTES: usize = 32 * 1024 * 1024;
+
+    /// Where a read starts.
+    #[derive(Debug, Clone, Copy)]
+    pub enum Start<'a> {
+        /// The entry with this name.
+        Entry(&'a str),
+        /// The entry that `names` gives for the id held by the text entry
+        /// `text` (a slug's product, say).
+        ThroughText {
+            text: &'a str,
+            names: fn(Uuid) -> String,
+        },
+    }
+
+    /// What the last read from a starting point led to.
+    #[derive(Debug, PartialEq, Eq)]
+    struct Remembered {
+        /// The entry a text entry led to.
+        first: Option<String>,
+        /// The entries the first one needed.
+        needed: Vec<String>,
+    }
+
+    /// Entries read together, by name: `None` for a name read and not found
+    /// (or found without a body).
+    #[derive(Debug, Default)]
+    pub struct Snapshot {
+        /// The text entry's value, when the read started through one.
+        pub text: Option<String>,
+        /// The prefixed name of where the read started.
+        start: String,
+        /// The entry the text entry led to.
+        through_text: Option<String>,
+        remembered: Option<Arc<Remembered>>,
+        entries: HashMap<String, Option<Cached<Vec<u8>>>>,
+    }
+
+    impl Snapshot {
+        /// The entry under `name`, if this read found it with a body that parses.
+        pub fn get<T: DeserializeOwned>(&self, name: &str) -> Option<Cached<T>> {
+            let found = self.entries.get(name)?.as_ref()?;
+            match serde_json::from_slice(&found.body) {
+                Ok(body) => Some(Cached {
+                    version: found.version,
+                    body,
+                }),
+                Err(error) => {
+                    // A body of an older shape (after a deploy): a miss, rebuilt soon.
+                    tracing::debug!(key = name, %error, "cached body did not parse");
+                    None
+                }
+            }
+        }
+
+        /// The body under `name` as stored, if this read found one.
+        pub fn raw(&self, name: &str) -> Option<&[u8]> {
+            Some(&self.entries.get(name)?.as_ref()?.body)
+        }
+
+        /// Like [`Self::get`] without the version, but each distinct body
+        /// is parsed once: a read that finds the very body an earlier read
+        /// parsed shares its value.
+        pub fn get_shared<T>(&self, name: &str) -> Option<Arc<T>>
+        where
+            T: DeserializeOwned + Send + Sync + 'static,
+        {
+            let body = &self.entries.get(name)?.as_ref()?.body;
+            if let Some(value) = parsed().get::<T>(name, body) {
+                return Some(value);
+            }
+            let value: Arc<T> = Arc::new(self.get::<T>(name)?.body);
+            parsed().put(name, body, value.clone());
+            Some(value)
+        }
+    }
+
+    impl VersionedCache {
+        /// The entry `start` leads to, with the entries it needed last time
+        /// (see [`Self::read_also`]), in one round trip.
+        pub async fn read_with_usual(&self, start: Start<'_>) -> Snapshot {
+            let start_name = match start {
+                Start::Entry(name) | Start::ThroughText { text: name, .. } => self.key(name),
+            };
+            let remembered = remembered().get(&start_name);
+            let mut snapshot = Snapshot {
+                start: start_name,
+                ..Snapshot::default()
+            };
+            let needed = remembered.as_ref().map_or(&[][..], |r| &r.needed[..]);
+            match start {
+                Start::Entry(name) => {
+                    let mut names = Vec::with_capacity(1 + needed.len());
+                    names.push(name);
+                    names.extend(needed.iter().map(String::as_str));
+                    self.read_into(&mut snapshot, None, &names).await;
+                }
+                Start::ThroughText { text, names } => {
+                    let guess = remembered.as_ref().and_then(|r| r.first.as_deref());
+                    let mut read: Vec<&str> = Vec::with_capacity(1 + needed.len());
+                    read.extend(guess);
+                    read.extend(needed.iter().map(String::as_str));
+                    self.read_into(&mut snapshot, Some(text), &read).await;
+                    let first = snapshot
+                        .text
+                        .as_deref()
+                        .and_then(|id| id.parse::<Uuid>().ok())
+                        .map(names);
+                    if let Some(first) = first.as_deref().filter(|first| guess != Some(*first)) {
+                        self.read_into(&mut snapshot, None, &[first]).await;
+                    }
+                    snapshot.through_text = first;
+                }
+            }
+            snapshot.remembered = remembered;
+            snapshot
+        }
+
+        /// Makes `snapshot` hold every entry in `needed`, reading those it
+        /// lacks in one more round trip, and remembers them as what the
+        /// snapshot's first entry needs, so that the next read brings them
+        /// along.
+        pub async fn read_also(&self, snapshot: &mut Snapshot, needed: &[String]) {
+            let missing: Vec<&str> = needed
+                .iter()
+                .map(String::as_str)
+                .filter(|name| !snapshot.entries.contains_key(*name))
+                .collect();
+            if !missing.is_empty() {
+                self.read_into(snapshot, None, &missing).await;
+            }
+            let unchanged = snapshot.remembered.as_deref().is_some_and(|remembered| {
+                remembered.first == snapshot.through_text && remembered.needed == needed
+            });
+            if !unchanged {
+                remembered().put(
+                    &snapshot.start,
+                    Remembered {
+                        first: snapshot.through_text.clone(),
+                        needed: needed.to_vec(),
+                    },
+                );
+            }
+        }
+
+        /// Reads `text` (a text entry) and the entries `names` into
+        /// `snapshot`, in one pipeline. Nothing is added if Redis fails.
+        async fn read_into(&self, snapshot: &mut Snapshot, text: Option<&str>, names: &[&str]) {
+            if text.is_none() && names.is_empty() {
+                return;
+            }
+            let Some(mut connection) = self.healthy() else {
+                return;
+            };
+            let mut pipeline = redis::pipe();
+            if let Some(text) = text {
+                pipeline.cmd("GET").arg(self.key(text));
+            }
+            for name in names {
+                pipeline
+                    .cmd("HMGET")
+                    .arg(self.key(name))
+                    .arg("v")
+                    .arg("body");
+            }
+            let label = text.or(names.first().copied()).unwrap_or_default();
+            let reply = tokio::time::timeout(
+                CALL_TIMEOUT,
+                pipeline.query_async::<Vec<redis::Value>>(&mut connection),
+            )
+            .await;
+            let Some(replies) = self.outcome(label, reply) else {
+                return;
+            };
+            if replies.len() != names.len() + usize::from(text.is_some()) {
+                tracing::debug!(key = label, "cache read answered with an unexpected shape");
+                return;
+            }
+            let mut replies = replies.into_iter();
+            if text.is_some() {
+                snapshot.text = replies
+                    .next()
+                    .and_then(into_bytes)
+                    .and_then(|bytes| String::from_utf8(bytes).ok());
+            }
+            for (name, reply) in names.iter().zip(replies) {
+                snapshot
+                    .entries
+                    .insert((*name).to_owned(), into_entry(reply));
+            }
+        }
+    }
+
+    /// An `HMGET v body` reply as an entry; tombstones and anything
+    /// malformed are `None`.
+    fn into_entry(reply: redis::Value) -> Option<Cached<Vec<u8>>> {
+        let redis::Value::Array(fields) = reply else {
+            return None;
+        };
+        let mut fields = fields.into_iter();
+        let version = into_bytes(fields.next()?)?;
+        let version = std::str::from_utf8(&version).ok()?.parse::<i64>().ok()?;
+        let body = into_bytes(fields.next()?)?;
+        Some(Cached { version, body })
+    }
+
+    fn into_bytes(value: redis::Value) -> Option<Vec<u8>> {
+        match value {
+            redis::Value::BulkString(bytes) => Some(bytes),
+            redis::Value::SimpleString(text) => Some(text.into_bytes()),
+            _ => None,
+        }
+    }
+
+    /// What reads needed, by prefixed starting name; shared by every cache
+    /// in the process (the prefix keeps deployments and tests apart).
+    #[derive(Default)]
+    struct Memory(Mutex<HashMap<String, Arc<Remembered>>>);
+
+    impl Memory {
+        fn get(&self, start: &str) -> Option<Arc<Remembered>> {
+            let map = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+            map.get(start).cloned()
+        }
+
+        fn put(&self, start: &str, remembered: Remembered) {
+            let mut map = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+            if map.len() >= MAX_REMEMBERED && !map.contains_key(start) {
+                map.clear();
+            }
+            map.insert(start.to_owned(), Arc::new(remembered));
+        }
+    }
+
+    fn remembered() -> &'static Memory {
+        static MEMORY: OnceLock<Memory> = OnceLock::new();
+        MEMORY.get_or_init(Memory::default)
+    }
+
+    /// The value last parsed from an entry, with the body it came from.
+    struct ParsedBody {
+        body: Vec<u8>,
+        value: Arc<dyn Any + Send + Sync>,
+    }
+
+    /// Parsed bodies by entry name, shared by every cache in the process:
+    /// a value is only handed out for the very bytes it was parsed from.
+    #[derive(Default)]
+    struct Parsed(Mutex<ParsedBodies>);
+
+    #[derive(Default)]
+    struct ParsedBodies {
+        by_name: HashMap<String, ParsedBody>,
+        bytes: usize,
+    }
+
+    impl Parsed {
+        fn get<T: Send + Sync + 'static>(&self, name: &str, body: &[u8]) -> Option<Arc<T>> {
+            let value = {
+                let parsed = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+                let found = parsed
+                    .by_name
+                    .get(name)
+                    .filter(|found| found.body == body)?;
+                found.value.clone()
+            };
+            value.downcast::<T>().ok()
+        }
+
+        fn put<T: Send + Sync + 'static>(&self, name: &str, body: &[u8], value: Arc<T>) {
+            let mut parsed = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+            let weight = 2 * body.len();
+            if parsed.by_name.len() >= MAX_REMEMBERED || parsed.bytes + weight > MAX_PARSED_BYTES {
+                *parsed = ParsedBodies::default();
+            }
+            let replaced = parsed.by_name.insert(
+                name.to_owned(),
+                ParsedBody {
+                    body: body.to_vec(),
+                    value,
+                },
+            );
+            parsed.bytes += weight;
+            if let Some(replaced) = replaced {
+                parsed.bytes -= 2 * replaced.body.len();
+            }
+        }
+    }
+
+    fn parsed() -> &'static Parsed {
+        static PARSED: OnceLock<Parsed> = OnceLock::new();
+        PARSED.get_or_init(Parsed::default)
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        fn bulk(text: &str) -> redis::Value {
+            redis::Value::BulkString(text.as_bytes().to_vec())
+        }
+
+        #[test]
+        fn an_entry_needs_a_version_and_a_body() {
+            let entry = into_entry(redis::Value::Array(vec![bulk("7"), bulk("{}")]));
+            assert_eq!(
+                entry,
+                Some(Cached {
+                    version: 7,
+                    body: b"{}".to_vec()
+                })
+            );
+            let tombstone = redis::Value::Array(vec![bulk("7"), redis::Value::Nil]);
+            assert_eq!(into_entry(tombstone), None);
+            let unversioned = redis::Value::Array(vec![bulk("seven"), bulk("{}")]);
+            assert_eq!(into_entry(unversioned), None);
+            assert_eq!(into_entry(bulk("{}")), None);
+        }
+
+        #[test]
+        fn a_body_that_does_not_parse_is_a_miss() {
+            let mut snapshot = Snapshot::default();
+            snapshot.entries.insert(
+                "a".to_owned(),
+                Some(Cached {
+                    version: 1,
+                    body: b"{not json".to_vec(),
+                }),
+            );
+            assert!(snapshot.get::<serde_json::Value>("a").is_none());
+            assert!(snapshot.get::<serde_json::Value>("b").is_none());
+        }
     }
 }

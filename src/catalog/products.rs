@@ -2,6 +2,7 @@
 //! create, update and delete, each written as `Product` commands (plus one
 //! `InventoryItem` registration per new variant).
 
+use actix_web::http::header::ContentType;
 use actix_web::{delete, get, post, put, web, HttpRequest, HttpResponse};
 use chrono::Utc;
 use domain::catalog::{NewVariant, ProductCommand, ProductStatus, VariantChange};
@@ -463,9 +464,13 @@ pub async fn get_product(
     user: Option<AuthUser>,
     slug: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
-    reads::product_by_slug(&state, &slug, Viewer::of(user))
+    reads::product_page_by_slug(&state, &slug, Viewer::of(user))
         .await?
-        .map(|detail| HttpResponse::Ok().json(detail))
+        .map(|page| {
+            HttpResponse::Ok()
+                .content_type(ContentType::json())
+                .body(page)
+        })
         .ok_or_else(|| ApiError::not_found("product"))
 }
 

@@ -143,29 +143,65 @@ async fn cart_view_from_postgres(state: &AppState, user_id: Uuid) -> Result<Cart
 }
 
 /// The cart from Redis: its lines, with current prices and stock laid over
-/// from the catalog caches. `None` on any miss.
+/// from the catalog caches, all read in one round trip when the lines are
+/// the ones the last read saw. `None` on a miss of the cart or when a
+/// line's variant is no longer on sale.
 async fn cart_view_from_cache(
     state: &AppState,
     user_id: Uuid,
 ) -> Result<Option<CartView>, ApiError> {
-    let Some(cached) = state
+    use projections::cache::{keys, Start};
+
+    let cart_name = cart_key(user_id);
+    let mut snapshot = state
         .caches
         .carts
-        .get::<CachedCart>(&cart_key(user_id))
-        .await
-    else {
+        .read_with_usual(Start::Entry(&cart_name))
+        .await;
+    let Some(cached) = snapshot.get_shared::<CachedCart>(&cart_name) else {
         return Ok(None);
     };
-    let mut items = Vec::with_capacity(cached.body.lines.len());
-    for line in cached.body.lines {
-        let product = reads::product_detail(state, line.product_id, Viewer::Public).await?;
-        let Some(product) = product else {
+    let mut needed = Vec::with_capacity(2 * cached.lines.len());
+    for line in &cached.lines {
+        let product = keys::product(line.product_id);
+        if !needed.contains(&product) {
+            needed.push(product);
+        }
+        needed.push(keys::stock(line.variant_id));
+    }
+    state.caches.carts.read_also(&mut snapshot, &needed).await;
+    let mut items = Vec::with_capacity(cached.lines.len());
+    for line in &cached.lines {
+        let Some(item) = cart_item_from_cache(state, &snapshot, line).await? else {
             return Ok(None);
         };
+        items.push(item);
+    }
+    Ok(Some(assemble(user_id, items, cached.updated_at)))
+}
+
+/// A cart line with its product's current data and its variant's stock:
+/// from `snapshot` when it holds both, else through the catalog's reads.
+/// `None` when the variant is no longer on sale.
+async fn cart_item_from_cache(
+    state: &AppState,
+    snapshot: &projections::cache::Snapshot,
+    line: &CachedLine,
+) -> Result<Option<CartItem>, ApiError> {
+    use projections::cache::keys;
+    use projections::catalog_queries::ProductCore;
+    use projections::stock::StockEntry;
+
+    let product = snapshot.get_shared::<ProductCore>(&keys::product(line.product_id));
+    let stock = snapshot.get::<StockEntry>(&keys::stock(line.variant_id));
+    if let (Some(product), Some(stock)) = (product, stock) {
+        if product.status != "active" {
+            return Ok(None);
+        }
         let Some(variant) = product.variants.iter().find(|v| v.id == line.variant_id) else {
             return Ok(None);
         };
-        items.push(CartItem {
+        return Ok(Some(CartItem {
             variant_id: variant.id,
             sku: variant.sku.clone(),
             product_id: product.id,
@@ -175,10 +211,28 @@ async fn cart_view_from_cache(
             currency: variant.currency.clone(),
             quantity: line.quantity,
             line_total_cents: variant.price_cents * line.quantity,
-            available: variant.stock.available.max(0),
-        });
+            available: stock.body.available(),
+        }));
     }
-    Ok(Some(assemble(user_id, items, cached.body.updated_at)))
+    let product = reads::product_detail(state, line.product_id, Viewer::Public).await?;
+    let Some(product) = product else {
+        return Ok(None);
+    };
+    let Some(variant) = product.variants.iter().find(|v| v.id == line.variant_id) else {
+        return Ok(None);
+    };
+    Ok(Some(CartItem {
+        variant_id: variant.id,
+        sku: variant.sku.clone(),
+        product_id: product.id,
+        product_name: product.name.clone(),
+        product_slug: product.slug.clone(),
+        unit_price_cents: variant.price_cents,
+        currency: variant.currency.clone(),
+        quantity: line.quantity,
+        line_total_cents: variant.price_cents * line.quantity,
+        available: variant.stock.available.max(0),
+    }))
 }
 
 /// The caller's cart: from the cache when it has it, else from Postgres.

@@ -766,6 +766,151 @@ async fn flushing_the_cache_keeps_answers_correct() {
     assert_eq!(after_update["name"], "Flushed Vase");
 }
 
+/// The body of a GET, as text: pages are compared byte for byte.
+async fn body_text(app: &TestApp, path: &str, token: Option<&str>) -> String {
+    let mut request = new_client().get(app.url(path));
+    if let Some(token) = token {
+        request = request.bearer_auth(token);
+    }
+    let response = request.send().await.expect("request sent");
+    assert_eq!(response.status(), 200, "GET {path}");
+    response.text().await.expect("body")
+}
+
+async fn add_stock(app: &TestApp, admin: &TestUser, variant_id: &str, quantity: i64) {
+    let response = send_as(
+        app,
+        Method::POST,
+        "/api/v1/stock/add-stock",
+        &admin.access_token,
+        Some(&json!({"variant_id": variant_id, "quantity": quantity, "reason": "delivery"})),
+    )
+    .await;
+    assert_eq!(response.status(), 200, "adding stock");
+}
+
+#[tokio::test]
+async fn product_pages_from_the_cache_are_byte_for_byte_those_from_postgres() {
+    let app = spawn_app().await;
+    let admin = TestUser::create_admin(&app).await;
+    let category = crate::categories::create_category(&app, &admin, "Lamps", None).await;
+    let mut plain = product_body(
+        "Arc Lamp",
+        &[
+            (&unique_sku(), 4900),
+            (&unique_sku(), 5900),
+            (&unique_sku(), 6900),
+        ],
+    );
+    plain["category_id"] = category["id"].clone();
+    plain["description"] = json!("A \"bright\" lamp: ünïcode, \\ and </script>.");
+    plain["variants"][2]["attributes"] = json!({"nested": [1, {"a": null}], "note": "é"});
+    // Attributes shaped like the stock a page lays in, at the stand-in values.
+    let mut tricky = product_body("Trick Lamp", &[(&unique_sku(), 100), (&unique_sku(), 200)]);
+    tricky["variants"][0]["attributes"] =
+        json!({"stock": {"available": 9_000_000_000_000_000_001_i64, "in_stock": false}});
+    tricky["variants"][1]["attributes"] =
+        json!({"stock": {"available": 9_000_000_000_000_000_000_i64, "in_stock": false}});
+    let plain = create_product(&app, &admin, &plain).await;
+    create_product(&app, &admin, &tricky).await;
+
+    for slug in ["arc-lamp", "trick-lamp"] {
+        let path = format!("/api/v1/products/get-product/{slug}");
+        let filled = body_text(&app, &path, None).await;
+        let cached = body_text(&app, &path, None).await;
+        let as_admin = body_text(&app, &path, Some(&admin.access_token)).await;
+        flush_test_keys(&app).await;
+        let from_postgres = body_text(&app, &path, None).await;
+        assert_eq!(cached, filled, "{slug}");
+        assert_eq!(as_admin, filled, "{slug}");
+        assert_eq!(from_postgres, filled, "{slug}");
+    }
+
+    // Stock moves: the cached page lays in the new numbers at once.
+    let path = "/api/v1/products/get-product/arc-lamp";
+    body_text(&app, path, None).await;
+    add_stock(
+        &app,
+        &admin,
+        plain["variants"][1]["id"].as_str().unwrap(),
+        7,
+    )
+    .await;
+    let cached = body_text(&app, path, None).await;
+    flush_test_keys(&app).await;
+    let from_postgres = body_text(&app, path, None).await;
+    assert_eq!(cached, from_postgres);
+    let page: Value = serde_json::from_str(&cached).expect("page JSON");
+    assert_eq!(page["variants"][1]["stock"]["available"], 12);
+    assert_eq!(page["category"]["name"], "Lamps");
+}
+
+#[tokio::test]
+async fn carts_from_the_cache_are_byte_for_byte_those_from_postgres() {
+    let app = spawn_app().await;
+    let admin = TestUser::create_admin(&app).await;
+    let mug = create_product(
+        &app,
+        &admin,
+        &product_body("Cart Mug", &[(&unique_sku(), 900), (&unique_sku(), 1100)]),
+    )
+    .await;
+    let bowl = create_product(
+        &app,
+        &admin,
+        &product_body("Cart Bowl", &[(&unique_sku(), 1500)]),
+    )
+    .await;
+    let buyer = TestUser::register_customer(&app).await;
+    for (variant, quantity) in [
+        (&mug["variants"][0], 2),
+        (&bowl["variants"][0], 1),
+        (&mug["variants"][1], 3),
+    ] {
+        let response = app
+            .post_json_as(
+                "/api/v1/cart/add-cart",
+                &buyer.access_token,
+                &json!({"variant_id": variant["id"], "quantity": quantity}),
+            )
+            .await;
+        assert_eq!(response.status(), 200, "adding to the cart");
+    }
+    let path = "/api/v1/cart/get-cart";
+    let token = Some(buyer.access_token.as_str());
+
+    let cached = body_text(&app, path, token).await;
+    let again = body_text(&app, path, token).await;
+    flush_test_keys(&app).await;
+    let from_postgres = body_text(&app, path, token).await;
+    assert_eq!(cached, from_postgres);
+    assert_eq!(again, from_postgres);
+
+    // A price and a stock change show in the cached cart at once.
+    let updated = update_product(
+        &app,
+        &admin,
+        mug["id"].as_str().unwrap(),
+        &json!({"variants": [{"id": mug["variants"][1]["id"], "price_cents": 1200}]}),
+    )
+    .await;
+    assert_eq!(updated.status(), 200);
+    add_stock(&app, &admin, bowl["variants"][0]["id"].as_str().unwrap(), 4).await;
+    let cached = body_text(&app, path, token).await;
+    flush_test_keys(&app).await;
+    let from_postgres = body_text(&app, path, token).await;
+    assert_eq!(cached, from_postgres);
+    let cart: Value = serde_json::from_str(&cached).expect("cart JSON");
+    assert_eq!(cart["subtotal_cents"], 2 * 900 + 1500 + 3 * 1200);
+    let bowl_line = cart["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|item| item["product_id"] == bowl["id"])
+        .expect("the bowl's line");
+    assert_eq!(bowl_line["available"], 9);
+}
+
 #[tokio::test]
 async fn with_redis_down_product_pages_and_listings_come_from_postgres() {
     let app = spawn_app_with(|settings| {
