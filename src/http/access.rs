@@ -128,14 +128,16 @@ pub async fn enforce_access(
     request: ServiceRequest,
     next: Next<impl MessageBody>,
 ) -> Result<ServiceResponse<impl MessageBody>, actix_web::Error> {
-    let Some(pattern) = request.match_pattern() else {
+    let Some(pattern) = super::middleware::route_pattern(&request) else {
         // Unknown path: routing answers 404.
         return next.call(request).await;
     };
     let access = match access_for(request.method(), &pattern) {
         Some(access) => access,
         // A known path with a method it does not serve: routing answers 405.
-        None if ROUTES.iter().any(|spec| spec.path == pattern) => return next.call(request).await,
+        None if ROUTES.iter().any(|spec| spec.path == &*pattern) => {
+            return next.call(request).await
+        }
         None => {
             tracing::error!(%pattern, method = %request.method(), "route missing from the access table");
             return Err(ApiError::Forbidden.into());

@@ -108,7 +108,7 @@ pub async fn idempotency(
     mut request: ServiceRequest,
     next: Next<BoxBody>,
 ) -> Result<ServiceResponse<BoxBody>, actix_web::Error> {
-    let pattern = request.match_pattern();
+    let pattern = super::middleware::route_pattern(&request);
     let required = pattern
         .as_deref()
         .is_some_and(|p| KEY_REQUIRED.contains(&p));

@@ -1,5 +1,6 @@
 //! Cross-cutting response concerns: the request id header and HTTP metrics.
 
+use std::rc::Rc;
 use std::time::Instant;
 
 use actix_web::body::MessageBody;
@@ -25,6 +26,25 @@ pub async fn request_id_header(
     Ok(response)
 }
 
+/// A request's route pattern, once found.
+#[derive(Clone)]
+struct RoutePattern(Option<Rc<str>>);
+
+/// The pattern of the route the request will take, if any. Several
+/// middlewares need it and each lookup walks the route table, so the first
+/// answer is kept in the request's extensions for the others.
+pub fn route_pattern(request: &ServiceRequest) -> Option<Rc<str>> {
+    let known = request.extensions().get::<RoutePattern>().cloned();
+    if let Some(RoutePattern(pattern)) = known {
+        return pattern;
+    }
+    let pattern: Option<Rc<str>> = request.match_pattern().map(Rc::from);
+    request
+        .extensions_mut()
+        .insert(RoutePattern(pattern.clone()));
+    pattern
+}
+
 /// Counts requests by route pattern and status, with latency histograms.
 /// Patterns, not raw paths, keep the label set bounded.
 pub async fn record_metrics(
@@ -32,9 +52,7 @@ pub async fn record_metrics(
     next: Next<impl MessageBody>,
 ) -> Result<ServiceResponse<impl MessageBody>, actix_web::Error> {
     let started = Instant::now();
-    let route = request
-        .match_pattern()
-        .unwrap_or_else(|| "unmatched".to_owned());
+    let route = route_pattern(&request).map_or_else(|| "unmatched".to_owned(), |p| p.to_string());
     let method = request.method().to_string();
     let response = next.call(request).await;
     let status = match &response {

@@ -140,8 +140,7 @@ impl RateLimits {
     }
 
     fn input_for(&self, request: &ServiceRequest) -> LimitInput {
-        let class = request
-            .match_pattern()
+        let class = crate::http::middleware::route_pattern(request)
             .and_then(|pattern| LimitClass::of_route(request.method(), &pattern));
         let quota = match class {
             Some(LimitClass::Public) => self.public,
