@@ -427,51 +427,16 @@ async fn add_to_hours(
     currency: &str,
     deltas: &[(DateTime<Utc>, HourDelta)],
 ) -> Result<(), ProjectionError> {
-    let mut by_hour: BTreeMap<DateTime<Utc>, HourDelta> = BTreeMap::new();
+    let mut by_hour: BTreeMap<(String, DateTime<Utc>), HourDelta> = BTreeMap::new();
     for (at, delta) in deltas {
         if *delta != HourDelta::default() {
-            by_hour.entry(hour_start(*at)).or_default().add(delta);
+            by_hour
+                .entry((currency.to_owned(), hour_start(*at)))
+                .or_default()
+                .add(delta);
         }
     }
-    if by_hour.is_empty() {
-        return Ok(());
-    }
-    let column = |field: fn(&HourDelta) -> i64| by_hour.values().map(field).collect::<Vec<i64>>();
-    let hours: Vec<DateTime<Utc>> = by_hour.keys().copied().collect();
-    sqlx::query(
-        "INSERT INTO sales_hourly (currency, bucket_start, revenue_cents, orders_paid, units_sold, \
-             orders_cancelled, orders_expired, orders_refunded, refunded_cents, holds_placed, \
-             holds_converted, holds_expired) \
-         SELECT $1, d.* FROM UNNEST($2::timestamptz[], $3::bigint[], $4::bigint[], $5::bigint[], \
-             $6::bigint[], $7::bigint[], $8::bigint[], $9::bigint[], $10::bigint[], $11::bigint[], \
-             $12::bigint[]) AS d \
-         ON CONFLICT (currency, bucket_start) DO UPDATE SET \
-             revenue_cents = sales_hourly.revenue_cents + EXCLUDED.revenue_cents, \
-             orders_paid = sales_hourly.orders_paid + EXCLUDED.orders_paid, \
-             units_sold = sales_hourly.units_sold + EXCLUDED.units_sold, \
-             orders_cancelled = sales_hourly.orders_cancelled + EXCLUDED.orders_cancelled, \
-             orders_expired = sales_hourly.orders_expired + EXCLUDED.orders_expired, \
-             orders_refunded = sales_hourly.orders_refunded + EXCLUDED.orders_refunded, \
-             refunded_cents = sales_hourly.refunded_cents + EXCLUDED.refunded_cents, \
-             holds_placed = sales_hourly.holds_placed + EXCLUDED.holds_placed, \
-             holds_converted = sales_hourly.holds_converted + EXCLUDED.holds_converted, \
-             holds_expired = sales_hourly.holds_expired + EXCLUDED.holds_expired",
-    )
-    .bind(currency)
-    .bind(&hours)
-    .bind(column(|d| d.revenue_cents))
-    .bind(column(|d| d.orders_paid))
-    .bind(column(|d| d.units_sold))
-    .bind(column(|d| d.orders_cancelled))
-    .bind(column(|d| d.orders_expired))
-    .bind(column(|d| d.orders_refunded))
-    .bind(column(|d| d.refunded_cents))
-    .bind(column(|d| d.holds_placed))
-    .bind(column(|d| d.holds_converted))
-    .bind(column(|d| d.holds_expired))
-    .execute(tx)
-    .await?;
-    Ok(())
+    batch::write_hours(tx, &by_hour).await
 }
 
 #[cfg(test)]

@@ -499,7 +499,7 @@ async fn update_changed(
 }
 
 /// One upsert for every hour the batch touched, adding its sums.
-async fn write_hours(
+pub(super) async fn write_hours(
     tx: &mut PgConnection,
     hours: &BTreeMap<(String, DateTime<Utc>), HourDelta>,
 ) -> Result<(), ProjectionError> {
