@@ -64,4 +64,21 @@ impl AppState {
             .await
             .map_err(ApiError::internal)
     }
+
+    /// Waits until `projection` has applied every event stored so far for
+    /// one aggregate (written here or by another instance); returns whether
+    /// the aggregate has any events at all.
+    pub async fn read_aggregate_writes(
+        &self,
+        projection: &'static str,
+        aggregate_type: &str,
+        aggregate_id: &str,
+    ) -> Result<bool, ApiError> {
+        let last = self
+            .store
+            .last_position(aggregate_type, aggregate_id)
+            .await?;
+        self.read_your_write(projection, last).await?;
+        Ok(last.is_some())
+    }
 }

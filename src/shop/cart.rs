@@ -243,12 +243,8 @@ pub async fn cart_view(state: &AppState, user_id: Uuid) -> Result<CartView, ApiE
     // A checkout empties the cart without waiting for the carts read model
     // (it drops the cached cart instead), so a miss waits for the read model
     // to hold every change stored for this cart.
-    let last = state
-        .store
-        .last_position("Cart", &user_id.to_string())
-        .await?;
     state
-        .read_your_write(projections::carts::NAME, last)
+        .read_aggregate_writes(projections::carts::NAME, "Cart", &user_id.to_string())
         .await?;
     cart_view_from_postgres(state, user_id).await
 }

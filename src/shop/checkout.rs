@@ -123,12 +123,8 @@ pub async fn check_out(
             CheckoutOutcome::CartChanged => {
                 // The carts read model was behind the cart: read it again
                 // once it has every stored change.
-                let last = state
-                    .store
-                    .last_position("Cart", &user.id.to_string())
-                    .await?;
                 state
-                    .read_your_write(projections::carts::NAME, last)
+                    .read_aggregate_writes(projections::carts::NAME, "Cart", &user.id.to_string())
                     .await?;
             }
         }
@@ -182,16 +178,12 @@ fn placed_view(placed: OrderEvent) -> Result<OrderView, ApiError> {
 
 /// The order as the read model shows it, once its events are applied.
 async fn placed_order(state: &AppState, order_id: Uuid) -> Result<Option<OrderView>, ApiError> {
-    let Some(last) = state
-        .store
-        .last_position("Order", &order_id.to_string())
-        .await?
-    else {
-        return Ok(None);
-    };
-    state
-        .read_your_write(projections::orders::NAME, Some(last))
+    let stored = state
+        .read_aggregate_writes(projections::orders::NAME, "Order", &order_id.to_string())
         .await?;
+    if !stored {
+        return Ok(None);
+    }
     Ok(order_view(&state.pool, order_id).await?)
 }
 

@@ -75,11 +75,8 @@ pub struct CheckoutRequest {
 /// What became of a checkout.
 #[derive(Debug)]
 pub enum CheckoutOutcome {
-    /// The order was placed with these events, its stock is held.
-    Placed {
-        placed: OrderEvent,
-        position: GlobalPosition,
-    },
+    /// The order was placed (this is its `OrderPlaced`); its stock is held.
+    Placed { placed: OrderEvent },
     /// This order id exists already (a retry of a checkout that got through).
     AlreadyPlaced,
     /// Nothing to check out.
@@ -200,12 +197,6 @@ enum Decision {
         deadline: Deadline,
         cart: (Uuid, i64),
     },
-}
-
-/// A checkout's answer, waiting for the batch to commit.
-enum Pending {
-    Done(Result<CheckoutOutcome, CheckoutError>),
-    Placed(OrderEvent),
 }
 
 struct Deadline {
@@ -363,13 +354,11 @@ impl Worker {
         let mut events = Vec::new();
         let mut deadlines = Vec::new();
         let mut checked_out = Vec::new();
-        let mut decisions = Vec::with_capacity(requests.len());
+        let mut outcomes = Vec::with_capacity(requests.len());
         for request in requests {
             match decide(&mut working, request) {
-                Decision::Done(outcome) => decisions.push(Pending::Done(Ok(outcome))),
-                Decision::Failed(error) => {
-                    decisions.push(Pending::Done(Err(CheckoutError::Store(error))))
-                }
+                Decision::Done(outcome) => outcomes.push(Ok(outcome)),
+                Decision::Failed(error) => outcomes.push(Err(CheckoutError::Store(error))),
                 Decision::Place {
                     events: placed_events,
                     placed,
@@ -379,7 +368,7 @@ impl Worker {
                     events.extend(placed_events);
                     deadlines.push(deadline);
                     checked_out.push(cart);
-                    decisions.push(Pending::Placed(placed));
+                    outcomes.push(Ok(CheckoutOutcome::Placed { placed }));
                 }
             }
         }
@@ -393,17 +382,6 @@ impl Worker {
             self.store.signal_appended();
         }
         self.keep(working);
-        let outcomes = decisions
-            .into_iter()
-            .map(|decision| match (decision, position) {
-                (Pending::Done(answer), _) => answer,
-                (Pending::Placed(placed), Some(position)) => {
-                    Ok(CheckoutOutcome::Placed { placed, position })
-                }
-                // A placed order always stores events, so there is a position.
-                (Pending::Placed(_), None) => Ok(CheckoutOutcome::AlreadyPlaced),
-            })
-            .collect();
         Ok(Attempt::Committed {
             outcomes,
             checked_out,

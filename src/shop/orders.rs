@@ -129,17 +129,12 @@ pub async fn own_order(
     order_id: Uuid,
 ) -> Result<OrderView, ApiError> {
     let mut order = order_view(&state.pool, order_id).await?;
-    if order.is_none() {
-        let last = state
-            .store
-            .last_position("Order", &order_id.to_string())
-            .await?;
-        if last.is_some() {
-            state
-                .read_your_write(projections::orders::NAME, last)
-                .await?;
-            order = order_view(&state.pool, order_id).await?;
-        }
+    if order.is_none()
+        && state
+            .read_aggregate_writes(projections::orders::NAME, "Order", &order_id.to_string())
+            .await?
+    {
+        order = order_view(&state.pool, order_id).await?;
     }
     match order {
         Some(order) if order.user_id == user.id => Ok(order),
