@@ -17,6 +17,7 @@ use tracing_actix_web::TracingLogger;
 use crate::auth::tokens::AccessTokens;
 use crate::config::Settings;
 use crate::event_store::{CommandBus, EventStore};
+use crate::http::idempotency::ledger::KeyLedger;
 use crate::http::{self, access, extract, idempotency, middleware, problem, security};
 use crate::rate_limit::login_guard::LoginGuard;
 use crate::rate_limit::RateLimits;
@@ -69,6 +70,7 @@ impl Application {
             pool: pool.clone(),
             inventory: CommandBus::new(store.clone()),
             checkouts: CheckoutCommitter::start(store.clone(), caches.carts.clone()),
+            idempotency_keys: KeyLedger::start(pool.clone()),
             orders: CommandBus::new(store.clone()),
             carts: CommandBus::new(store.clone()),
             products: CommandBus::new(store.clone()),

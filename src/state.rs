@@ -14,6 +14,7 @@ use domain::inventory::InventoryItem;
 use domain::order::Order;
 
 use crate::event_store::{CommandBus, EventStore};
+use crate::http::idempotency::ledger::KeyLedger;
 use crate::http::problem::ApiError;
 use crate::payments::PaymentProvider;
 use crate::rate_limit::login_guard::LoginGuard;
@@ -35,6 +36,8 @@ pub struct AppState {
     pub inventory: CommandBus<InventoryItem>,
     /// Checkouts, decided and stored many to a transaction.
     pub checkouts: CheckoutCommitter,
+    /// Idempotency key claims and records, many to a statement.
+    pub idempotency_keys: KeyLedger,
     pub orders: CommandBus<Order>,
     pub carts: CommandBus<Cart>,
     pub products: CommandBus<Product>,

@@ -22,9 +22,12 @@ use sha2::{Digest, Sha256};
 use sqlx::PgPool;
 use uuid::Uuid;
 
+use self::ledger::{ClaimResult, KeyId, KeyLedger, StoredKey};
 use super::problem::ApiError;
 use crate::auth::AuthUser;
 use crate::state::AppState;
+
+pub mod ledger;
 
 pub const IDEMPOTENCY_KEY_HEADER: HeaderName = HeaderName::from_static("idempotency-key");
 pub const REPLAYED_HEADER: HeaderName = HeaderName::from_static("idempotent-replayed");
@@ -127,8 +130,8 @@ pub async fn idempotency(
         // Anonymous requests have no scope to deduplicate in.
         return next.call(request).await;
     };
-    let pool = match request.app_data::<web::Data<AppState>>() {
-        Some(state) => state.pool.clone(),
+    let (pool, ledger) = match request.app_data::<web::Data<AppState>>() {
+        Some(state) => (state.pool.clone(), state.idempotency_keys.clone()),
         None => {
             return Err(ApiError::internal(anyhow::anyhow!("application state missing")).into())
         }
@@ -141,10 +144,7 @@ pub async fn idempotency(
 
     let deadline = tokio::time::Instant::now() + WAIT_FOR_FIRST;
     loop {
-        match claim(&pool, user.id, &key.0, &fingerprint, required)
-            .await
-            .map_err(ApiError::from)?
-        {
+        match claim(&pool, &ledger, user.id, &key.0, &fingerprint, required).await? {
             Claim::Run => break,
             Claim::Replay {
                 status,
@@ -187,17 +187,17 @@ pub async fn idempotency(
             "response body could not be read for storing"
         ))
     })?;
-    store(
-        &pool,
-        user.id,
-        &key.0,
-        status,
-        content_type.as_deref(),
-        &bytes,
-        required,
-    )
-    .await
-    .map_err(ApiError::from)?;
+    let record = ledger::Record {
+        key: KeyId {
+            user_id: user.id,
+            key: key.0,
+        },
+        status: status.as_u16() as i16,
+        content_type,
+        body: bytes.to_vec(),
+        relaxed: required,
+    };
+    ledger.record(record).await.map_err(ApiError::internal)?;
     Ok(ServiceResponse::new(
         request,
         response.set_body(bytes.boxed()),
@@ -226,70 +226,46 @@ fn replay(status: u16, content_type: Option<String>, body: Vec<u8>) -> HttpRespo
     response.body(body)
 }
 
-#[derive(sqlx::FromRow)]
-struct StoredKey {
-    fingerprint: Vec<u8>,
-    status: Option<i16>,
-    content_type: Option<String>,
-    body: Option<Vec<u8>>,
-    lease_alive: bool,
-}
-
 // On the routes that require a key, key records are written with
-// `synchronous_commit` off for their own transaction (`set_config(.., true)`
-// lasts until that commit), which spares two disk flushes per request. What
-// a crash of Postgres can lose is a record written in the last fraction of a
-// second; the retry then runs the handler again, and those handlers are
-// idempotent by ids derived from the key (order id, intent id, settlement
-// once per order), so the retry gets the same outcome. Their business effect
-// is in the event store, committed synchronously. A key sent to any other
-// route is recorded durably: its handler may not be idempotent on its own.
+// `synchronous_commit` off for their own transaction (see the ledger),
+// which spares two disk flushes per request. What a crash of Postgres can
+// lose is a record written in the last fraction of a second; the retry
+// then runs the handler again, and those handlers are idempotent by ids
+// derived from the key (order id, intent id, settlement once per order),
+// so the retry gets the same outcome. Their business effect is in the
+// event store, committed synchronously. A key sent to any other route is
+// recorded durably: its handler may not be idempotent on its own.
 async fn claim(
     pool: &PgPool,
+    ledger: &KeyLedger,
     user_id: Uuid,
     key: &str,
     fingerprint: &[u8],
     relaxed: bool,
-) -> Result<Claim, sqlx::Error> {
-    let lease_secs = LEASE.as_secs_f64();
-    let inserted = sqlx::query(
-        "WITH relaxed AS (SELECT set_config('synchronous_commit', \
-                           CASE WHEN $5 THEN 'off' ELSE current_setting('synchronous_commit') END, true)) \
-         INSERT INTO idempotency_keys (user_id, key, fingerprint, leased_until) \
-         SELECT $1, $2, $3, now() + make_interval(secs => $4) FROM relaxed ON CONFLICT DO NOTHING",
-    )
-    .bind(user_id)
-    .bind(key)
-    .bind(fingerprint)
-    .bind(lease_secs)
-    .bind(relaxed)
-    .execute(pool)
-    .await?
-    .rows_affected();
-    if inserted == 1 {
-        return Ok(Claim::Run);
-    }
-    let row: Option<StoredKey> = sqlx::query_as(
-        "SELECT fingerprint, response_status AS status, response_type AS content_type, \
-                response_body AS body, \
-                leased_until IS NOT NULL AND leased_until > now() AS lease_alive \
-         FROM idempotency_keys WHERE user_id = $1 AND key = $2",
-    )
-    .bind(user_id)
-    .bind(key)
-    .fetch_optional(pool)
-    .await?;
-    let Some(StoredKey {
+) -> Result<Claim, ApiError> {
+    let claim = ledger::Claim {
+        key: KeyId {
+            user_id,
+            key: key.to_owned(),
+        },
+        fingerprint: fingerprint.to_vec(),
+        lease_seconds: LEASE.as_secs_f64(),
+        relaxed,
+    };
+    let stored = match ledger.claim(claim).await.map_err(ApiError::internal)? {
+        ClaimResult::Inserted => return Ok(Claim::Run),
+        // Inserted by a request still running, or released after a server
+        // error, since the claim's snapshot: look again.
+        ClaimResult::Unseen => return Ok(Claim::InProgress),
+        ClaimResult::Existing(stored) => stored,
+    };
+    let StoredKey {
         fingerprint: stored_fingerprint,
         status,
         content_type,
         body,
         lease_alive,
-    }) = row
-    else {
-        // Released (a server error) between our insert and our read: try again.
-        return Ok(Claim::InProgress);
-    };
+    } = stored;
     if stored_fingerprint != fingerprint {
         return Ok(Claim::Reused);
     }
@@ -313,7 +289,7 @@ async fn claim(
     )
     .bind(user_id)
     .bind(key)
-    .bind(lease_secs)
+    .bind(LEASE.as_secs_f64())
     .bind(relaxed)
     .execute(pool)
     .await?
@@ -323,32 +299,6 @@ async fn claim(
     } else {
         Claim::InProgress
     })
-}
-
-async fn store(
-    pool: &PgPool,
-    user_id: Uuid,
-    key: &str,
-    status: StatusCode,
-    content_type: Option<&str>,
-    body: &[u8],
-    relaxed: bool,
-) -> Result<(), sqlx::Error> {
-    sqlx::query(
-        "WITH relaxed AS (SELECT set_config('synchronous_commit', \
-                           CASE WHEN $6 THEN 'off' ELSE current_setting('synchronous_commit') END, true)) \
-         UPDATE idempotency_keys SET response_status = $3, response_type = $4, response_body = $5, \
-                leased_until = NULL FROM relaxed WHERE user_id = $1 AND key = $2",
-    )
-    .bind(user_id)
-    .bind(key)
-    .bind(status.as_u16() as i16)
-    .bind(content_type)
-    .bind(body)
-    .bind(relaxed)
-    .execute(pool)
-    .await?;
-    Ok(())
 }
 
 /// Forgets a key whose request failed on our side, so the client can retry.

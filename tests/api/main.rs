@@ -14,6 +14,7 @@ mod event_store;
 mod fake_stripe;
 mod helpers;
 mod http_shell;
+mod idempotency;
 mod payments;
 mod rate_limits;
 mod rebuild;

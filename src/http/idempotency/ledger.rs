@@ -1,0 +1,305 @@
+//! The idempotency key table's writes, many requests to one statement.
+//!
+//! Every keyed request claims its key before it runs and records its
+//! response after; alone, that is two transactions per checkout, more than
+//! the checkout's own share of the event store's group commit. One task per
+//! instance takes every claim and record waiting and writes them in one
+//! statement, so under load a key costs a fraction of a transaction. The
+//! semantics are those of one `INSERT .. ON CONFLICT DO NOTHING` per claim
+//! and one `UPDATE` per record; rare paths (taking over an expired lease,
+//! releasing a key after a server error) stay single statements in the
+//! middleware.
+
+use sqlx::PgPool;
+use tokio::sync::{mpsc, oneshot};
+use uuid::Uuid;
+
+/// Writes waiting beyond this go into the next statement.
+const MAX_BATCH: usize = 512;
+
+/// A request's key: unique per user.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct KeyId {
+    pub user_id: Uuid,
+    pub key: String,
+}
+
+/// What the key table held when a claim did not insert the key.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct StoredKey {
+    pub fingerprint: Vec<u8>,
+    pub status: Option<i16>,
+    pub content_type: Option<String>,
+    pub body: Option<Vec<u8>>,
+    pub lease_alive: bool,
+}
+
+#[derive(Debug)]
+pub enum ClaimResult {
+    /// The key was new: this request runs.
+    Inserted,
+    /// The key was there already, as stored.
+    Existing(StoredKey),
+    /// Another transaction inserted the key after this statement's snapshot
+    /// was taken (or removed it): look again.
+    Unseen,
+}
+
+pub struct Claim {
+    pub key: KeyId,
+    pub fingerprint: Vec<u8>,
+    pub lease_seconds: f64,
+    /// Commit without waiting for the disk (see the middleware's note).
+    pub relaxed: bool,
+}
+
+pub struct Record {
+    pub key: KeyId,
+    pub status: i16,
+    pub content_type: Option<String>,
+    pub body: Vec<u8>,
+    pub relaxed: bool,
+}
+
+enum Write {
+    Claim(Claim, oneshot::Sender<Result<ClaimResult, String>>),
+    Record(Record, oneshot::Sender<Result<(), String>>),
+}
+
+impl Write {
+    fn relaxed(&self) -> bool {
+        match self {
+            Write::Claim(claim, _) => claim.relaxed,
+            Write::Record(record, _) => record.relaxed,
+        }
+    }
+
+    fn key(&self) -> &KeyId {
+        match self {
+            Write::Claim(claim, _) => &claim.key,
+            Write::Record(record, _) => &record.key,
+        }
+    }
+
+    fn fail(self, error: &str) {
+        match self {
+            Write::Claim(_, reply) => drop(reply.send(Err(error.to_owned()))),
+            Write::Record(_, reply) => drop(reply.send(Err(error.to_owned()))),
+        }
+    }
+}
+
+/// The handle to this instance's key writer.
+#[derive(Clone)]
+pub struct KeyLedger {
+    queue: mpsc::Sender<Write>,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("idempotency key table: {0}")]
+pub struct LedgerError(String);
+
+const STOPPED: &str = "the key writer stopped";
+
+impl KeyLedger {
+    /// Starts the writing task on the current runtime.
+    pub fn start(pool: PgPool) -> Self {
+        let (queue, receiver) = mpsc::channel(8192);
+        tokio::spawn(run(pool, receiver));
+        Self { queue }
+    }
+
+    pub async fn claim(&self, claim: Claim) -> Result<ClaimResult, LedgerError> {
+        let (reply, answer) = oneshot::channel();
+        self.send(Write::Claim(claim, reply), answer).await
+    }
+
+    pub async fn record(&self, record: Record) -> Result<(), LedgerError> {
+        let (reply, answer) = oneshot::channel();
+        self.send(Write::Record(record, reply), answer).await
+    }
+
+    async fn send<T>(
+        &self,
+        write: Write,
+        answer: oneshot::Receiver<Result<T, String>>,
+    ) -> Result<T, LedgerError> {
+        self.queue
+            .send(write)
+            .await
+            .map_err(|_| LedgerError(STOPPED.into()))?;
+        answer
+            .await
+            .map_err(|_| LedgerError(STOPPED.into()))?
+            .map_err(LedgerError)
+    }
+}
+
+async fn run(pool: PgPool, mut queue: mpsc::Receiver<Write>) {
+    let mut waiting: Vec<Write> = Vec::new();
+    let mut deferred: Vec<Write> = Vec::new();
+    loop {
+        if waiting.is_empty() && queue.recv_many(&mut waiting, MAX_BATCH).await == 0 {
+            return;
+        }
+        let room = MAX_BATCH.saturating_sub(waiting.len());
+        if room > 0 {
+            // Whatever else is already queued joins this statement.
+            while let Ok(write) = queue.try_recv() {
+                waiting.push(write);
+                if waiting.len() == MAX_BATCH {
+                    break;
+                }
+            }
+        }
+        // A key written twice in one statement would be ambiguous (a claim
+        // could see its own insert as someone else's); the second write
+        // waits for the next statement.
+        let mut keys = std::collections::HashSet::with_capacity(waiting.len());
+        let mut batch = Vec::with_capacity(waiting.len());
+        for write in waiting.drain(..) {
+            if keys.insert(write.key().clone()) {
+                batch.push(write);
+            } else {
+                deferred.push(write);
+            }
+        }
+        metrics::histogram!("idempotency_key_batch_size").record(batch.len() as f64);
+        write_batch(&pool, batch).await;
+        waiting.append(&mut deferred);
+    }
+}
+
+async fn write_batch(pool: &PgPool, batch: Vec<Write>) {
+    let relaxed = batch.iter().all(Write::relaxed);
+    let mut claims = Vec::new();
+    let mut records = Vec::new();
+    for write in batch {
+        match write {
+            Write::Claim(claim, reply) => claims.push((claim, reply)),
+            Write::Record(record, reply) => records.push((record, reply)),
+        }
+    }
+    match execute(pool, relaxed, &claims, &records).await {
+        Ok(rows) => {
+            let mut rows = rows.into_iter();
+            for (_, reply) in claims {
+                let result = match rows.next() {
+                    Some(row) => Ok(row.into_result()),
+                    None => Err("a claim got no answer".to_owned()),
+                };
+                let _ = reply.send(result);
+            }
+            for (_, reply) in records {
+                let _ = reply.send(Ok(()));
+            }
+        }
+        Err(error) => {
+            let error = error.to_string();
+            tracing::warn!(%error, "idempotency key batch failed");
+            claims
+                .into_iter()
+                .map(|(claim, reply)| Write::Claim(claim, reply))
+                .chain(
+                    records
+                        .into_iter()
+                        .map(|(record, reply)| Write::Record(record, reply)),
+                )
+                .for_each(|write| write.fail(&error));
+        }
+    }
+}
+
+#[derive(sqlx::FromRow)]
+struct ClaimRow {
+    inserted: bool,
+    present: bool,
+    #[sqlx(flatten)]
+    stored: StoredKey,
+}
+
+impl ClaimRow {
+    fn into_result(self) -> ClaimResult {
+        if self.inserted {
+            ClaimResult::Inserted
+        } else if self.present {
+            ClaimResult::Existing(self.stored)
+        } else {
+            ClaimResult::Unseen
+        }
+    }
+}
+
+// `synchronous_commit` is relaxed only when every write in the statement
+// may be (`set_config(.., true)` lasts until this statement's commit).
+// The key table as the final select sees it is the statement's snapshot,
+// from before its own insert, which is what tells an inserted claim from
+// one that found the key. `recorded` runs although nothing reads it, as
+// every data-modifying WITH does.
+const WRITE_KEYS: &str = "\
+WITH relaxed AS (
+    SELECT set_config('synchronous_commit',
+        CASE WHEN $1 THEN 'off' ELSE current_setting('synchronous_commit') END, true)
+), claims AS (
+    SELECT * FROM UNNEST($2::uuid[], $3::text[], $4::bytea[], $5::float8[])
+        WITH ORDINALITY AS c(user_id, key, fingerprint, lease_seconds, n)
+), inserted AS (
+    INSERT INTO idempotency_keys (user_id, key, fingerprint, leased_until)
+    SELECT c.user_id, c.key, c.fingerprint, now() + make_interval(secs => c.lease_seconds)
+    FROM claims c, relaxed
+    ORDER BY c.user_id, c.key
+    ON CONFLICT DO NOTHING
+    RETURNING user_id, key
+), recorded AS (
+    UPDATE idempotency_keys k
+    SET response_status = r.status, response_type = r.content_type,
+        response_body = r.body, leased_until = NULL
+    FROM UNNEST($6::uuid[], $7::text[], $8::int2[], $9::text[], $10::bytea[])
+             AS r(user_id, key, status, content_type, body),
+         relaxed
+    WHERE k.user_id = r.user_id AND k.key = r.key
+)
+SELECT i.key IS NOT NULL AS inserted,
+       k.key IS NOT NULL AS present,
+       coalesce(k.fingerprint, '') AS fingerprint,
+       k.response_status AS status,
+       k.response_type AS content_type,
+       k.response_body AS body,
+       coalesce(k.leased_until > now(), false) AS lease_alive
+FROM claims c
+LEFT JOIN inserted i ON i.user_id = c.user_id AND i.key = c.key
+LEFT JOIN idempotency_keys k ON k.user_id = c.user_id AND k.key = c.key
+ORDER BY c.n";
+
+async fn execute(
+    pool: &PgPool,
+    relaxed: bool,
+    claims: &[(Claim, oneshot::Sender<Result<ClaimResult, String>>)],
+    records: &[(Record, oneshot::Sender<Result<(), String>>)],
+) -> Result<Vec<ClaimRow>, sqlx::Error> {
+    let claim_users: Vec<Uuid> = claims.iter().map(|(c, _)| c.key.user_id).collect();
+    let claim_keys: Vec<&str> = claims.iter().map(|(c, _)| c.key.key.as_str()).collect();
+    let fingerprints: Vec<&[u8]> = claims.iter().map(|(c, _)| &c.fingerprint[..]).collect();
+    let leases: Vec<f64> = claims.iter().map(|(c, _)| c.lease_seconds).collect();
+    let record_users: Vec<Uuid> = records.iter().map(|(r, _)| r.key.user_id).collect();
+    let record_keys: Vec<&str> = records.iter().map(|(r, _)| r.key.key.as_str()).collect();
+    let statuses: Vec<i16> = records.iter().map(|(r, _)| r.status).collect();
+    let types: Vec<Option<&str>> = records
+        .iter()
+        .map(|(r, _)| r.content_type.as_deref())
+        .collect();
+    let bodies: Vec<&[u8]> = records.iter().map(|(r, _)| &r.body[..]).collect();
+    sqlx::query_as(WRITE_KEYS)
+        .bind(relaxed)
+        .bind(claim_users)
+        .bind(claim_keys)
+        .bind(fingerprints)
+        .bind(leases)
+        .bind(record_users)
+        .bind(record_keys)
+        .bind(statuses)
+        .bind(types)
+        .bind(bodies)
+        .fetch_all(pool)
+        .await
+}

@@ -1,0 +1,183 @@
+//! Idempotency keys written many to a statement: every claim gets its own
+//! answer, a key is claimed once however many ask at once, and the rare
+//! paths (a dead first attempt, a running one) behave as with one statement
+//! per key.
+
+use commerce::http::idempotency::ledger::{Claim, ClaimResult, KeyId, KeyLedger, Record};
+use uuid::Uuid;
+
+use crate::helpers::{problem, spawn_app};
+use crate::shop_support::{add_to_cart, checkout, stocked_product};
+use crate::users::TestUser;
+
+fn claim(user_id: Uuid, key: &str, fingerprint: &[u8], relaxed: bool) -> Claim {
+    Claim {
+        key: KeyId {
+            user_id,
+            key: key.to_owned(),
+        },
+        fingerprint: fingerprint.to_vec(),
+        lease_seconds: 30.0,
+        relaxed,
+    }
+}
+
+#[tokio::test]
+async fn a_crowd_of_claims_and_records_each_get_their_own_answer() {
+    let app = spawn_app().await;
+    let ledger = KeyLedger::start(app.pool.clone());
+    let user = Uuid::new_v4();
+    let shared = "shared-key";
+
+    // 300 distinct keys, 20 claims of one key, durable and relaxed mixed:
+    // they share statements because they are all queued at once.
+    let distinct = (0..300).map(|n| {
+        let ledger = ledger.clone();
+        async move {
+            let key = format!("key-{n}");
+            let fingerprint = vec![n as u8];
+            let result = ledger
+                .claim(claim(user, &key, &fingerprint, n % 3 != 0))
+                .await
+                .expect("claim");
+            (key, result)
+        }
+    });
+    let contenders = (0..20).map(|n| {
+        let ledger = ledger.clone();
+        async move {
+            ledger
+                .claim(claim(user, shared, b"same", n % 2 == 0))
+                .await
+                .expect("claim")
+        }
+    });
+    let (distinct, contenders) = tokio::join!(
+        futures_util::future::join_all(distinct),
+        futures_util::future::join_all(contenders)
+    );
+    for (key, result) in &distinct {
+        assert!(
+            matches!(result, ClaimResult::Inserted),
+            "{key} is new: {result:?}"
+        );
+    }
+    let winners = contenders
+        .iter()
+        .filter(|result| matches!(result, ClaimResult::Inserted))
+        .count();
+    assert_eq!(winners, 1, "one claim of the shared key runs");
+    for result in &contenders {
+        match result {
+            ClaimResult::Inserted | ClaimResult::Unseen => {}
+            ClaimResult::Existing(stored) => {
+                assert_eq!(stored.fingerprint, b"same");
+                assert!(stored.lease_alive, "the winner holds the lease");
+                assert_eq!(stored.status, None, "nothing recorded yet");
+            }
+        }
+    }
+
+    // Records for the even keys, all at once; then every key is claimed
+    // again: the even ones replay what was recorded, the odd ones are
+    // still leased, and another fingerprint is shown as it is stored.
+    let records = (0..300).step_by(2).map(|n| {
+        let ledger = ledger.clone();
+        async move {
+            let record = Record {
+                key: KeyId {
+                    user_id: user,
+                    key: format!("key-{n}"),
+                },
+                status: 201,
+                content_type: Some("application/json".into()),
+                body: format!("{{\"n\":{n}}}").into_bytes(),
+                relaxed: n % 4 == 0,
+            };
+            ledger.record(record).await.expect("record");
+        }
+    });
+    futures_util::future::join_all(records).await;
+
+    let again = (0..300).map(|n| {
+        let ledger = ledger.clone();
+        async move {
+            let fingerprint = if n == 7 { vec![0xff] } else { vec![n as u8] };
+            let result = ledger
+                .claim(claim(user, &format!("key-{n}"), &fingerprint, true))
+                .await
+                .expect("claim");
+            (n, result)
+        }
+    });
+    for (n, result) in futures_util::future::join_all(again).await {
+        let ClaimResult::Existing(stored) = result else {
+            panic!("key-{n} exists: {result:?}");
+        };
+        assert_eq!(stored.fingerprint, vec![n as u8], "key-{n}");
+        if n % 2 == 0 {
+            assert_eq!(stored.status, Some(201), "key-{n}");
+            assert_eq!(stored.body, Some(format!("{{\"n\":{n}}}").into_bytes()));
+            assert_eq!(stored.content_type.as_deref(), Some("application/json"));
+            assert!(!stored.lease_alive, "a recorded key holds no lease");
+        } else {
+            assert_eq!(stored.status, None, "key-{n}");
+            assert!(stored.lease_alive, "key-{n}");
+        }
+    }
+    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM idempotency_keys WHERE user_id = $1")
+        .bind(user)
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+    assert_eq!(rows, 301);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_key_whose_first_attempt_died_is_taken_over_and_a_running_one_is_not() {
+    let app = spawn_app().await;
+    let admin = TestUser::create_admin(&app).await;
+    let drop = stocked_product(&app, &admin, 2500, 5).await;
+    let buyer = TestUser::register_customer(&app).await;
+    assert_eq!(
+        add_to_cart(&app, &buyer, drop.variant_id, 1).await.status(),
+        200
+    );
+    let first = checkout(&app, &buyer, "died").await;
+    assert_eq!(first.status(), 201);
+    let order: serde_json::Value = first.json().await.unwrap();
+
+    // As if the first attempt had stored its order and then died before it
+    // recorded its answer: the key is leased by no one alive.
+    let forget = |leased_for: f64| {
+        sqlx::query(
+            "UPDATE idempotency_keys SET response_status = NULL, response_body = NULL, \
+                    leased_until = now() + make_interval(secs => $2) \
+             WHERE user_id = $1 AND key = 'died'",
+        )
+        .bind(buyer.id)
+        .bind(leased_for)
+        .execute(&app.pool)
+    };
+    assert_eq!(forget(-1.0).await.unwrap().rows_affected(), 1);
+    let retried = checkout(&app, &buyer, "died").await;
+    assert_eq!(retried.status(), 201, "the retry takes the key over");
+    assert!(retried.headers().get("idempotent-replayed").is_none());
+    let retried: serde_json::Value = retried.json().await.unwrap();
+    assert_eq!(retried["id"], order["id"], "the same order, not a second");
+
+    // A first attempt still running (its lease alive) is not run twice.
+    assert_eq!(forget(60.0).await.unwrap().rows_affected(), 1);
+    let meanwhile = checkout(&app, &buyer, "died").await;
+    problem(meanwhile, 409, "idempotency_in_progress").await;
+
+    let orders: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM events WHERE aggregate_type = 'Order' AND event_type = 'OrderPlaced'",
+    )
+    .fetch_one(&app.pool)
+    .await
+    .unwrap();
+    assert_eq!(orders, 1);
+    app.stop().await;
+}
