@@ -15,6 +15,11 @@ use clap::Parser;
 use commerce::bench::instances::{Commerce, Instances};
 use commerce::bench::{self, HotRowBaseline, Options, SearchOptions};
 
+// The client shares the machine with what it measures: the same allocator
+// as the server keeps its own share of the CPU small.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Debug, Parser)]
 #[command(
     name = "bench",
