@@ -82,6 +82,7 @@ impl ProjectionSet {
             if *local.borrow_and_update() >= target {
                 return Ok(());
             }
+            runner.hurry();
             if let Some(pool) = &self.pool {
                 if read_checkpoint(pool, name).await? >= target {
                     return Ok(());
