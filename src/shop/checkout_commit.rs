@@ -55,6 +55,9 @@ const MAX_ATTEMPTS: u32 = 8;
 /// How long a committer keeps hot items locked while checkouts keep coming,
 /// before it lets other instances take a turn.
 const HOLD_ITEMS_FOR: Duration = Duration::from_millis(20);
+/// How long a committer holding items waits for the next checkout before
+/// it lets them go.
+const IDLE_GRACE: Duration = Duration::from_millis(2);
 /// Aggregates kept in memory per kind; past this the copies are dropped and
 /// reloaded on demand (they are only a head start, never the truth).
 const MAX_CACHED: usize = 100_000;
@@ -212,11 +215,24 @@ impl Worker {
             let first = match queue.try_recv() {
                 Ok(job) => job,
                 Err(_) => {
-                    // Nothing waiting: let other instances have the items.
-                    self.release_items().await;
-                    match queue.recv().await {
-                        Some(job) => job,
-                        None => return,
+                    // Nothing waiting. In a sale the next checkout is a
+                    // fraction of a millisecond away: keep the items for it
+                    // (a lock and an unlock saved), else let other
+                    // instances have them.
+                    let next = match self.held {
+                        Some(_) => tokio::time::timeout(IDLE_GRACE, queue.recv()).await.ok(),
+                        None => None,
+                    };
+                    match next {
+                        Some(Some(job)) => job,
+                        Some(None) => return,
+                        None => {
+                            self.release_items().await;
+                            match queue.recv().await {
+                                Some(job) => job,
+                                None => return,
+                            }
+                        }
                     }
                 }
             };
