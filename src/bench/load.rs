@@ -34,6 +34,30 @@ pub struct Run {
 }
 
 impl Run {
+    /// Phases run one after another as one: their answers, their summed
+    /// time. Indices are renumbered to stay distinct.
+    pub fn combine(runs: Vec<Run>) -> Run {
+        let mut combined = Run {
+            samples: Vec::new(),
+            elapsed: Duration::ZERO,
+            not_sent: 0,
+        };
+        for run in runs {
+            let offset = combined.samples.len() + combined.not_sent;
+            let finished_before = combined.elapsed;
+            combined
+                .samples
+                .extend(run.samples.into_iter().map(|sample| Sample {
+                    index: sample.index + offset,
+                    finished: sample.finished + finished_before,
+                    ..sample
+                }));
+            combined.elapsed += run.elapsed;
+            combined.not_sent += run.not_sent;
+        }
+        combined
+    }
+
     /// How many answers had each status (0: no answer).
     pub fn statuses(&self) -> BTreeMap<u16, usize> {
         let mut counts = BTreeMap::new();
@@ -228,6 +252,40 @@ pub async fn drive(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn run_of(statuses: &[u16], elapsed_ms: u64, not_sent: usize) -> Run {
+        let samples = statuses
+            .iter()
+            .enumerate()
+            .map(|(index, status)| Sample {
+                index,
+                status: *status,
+                code: None,
+                finished: Duration::from_millis(elapsed_ms),
+                latency: Duration::from_millis(1),
+            })
+            .collect();
+        Run {
+            samples,
+            elapsed: Duration::from_millis(elapsed_ms),
+            not_sent,
+        }
+    }
+
+    #[test]
+    fn combined_runs_add_their_time_and_keep_every_answer_apart() {
+        let combined = Run::combine(vec![
+            run_of(&[200, 200], 10, 1),
+            run_of(&[200, 429, 200], 30, 0),
+        ]);
+        assert_eq!(combined.elapsed, Duration::from_millis(40));
+        assert_eq!(combined.not_sent, 1);
+        assert_eq!(combined.statuses(), BTreeMap::from([(200, 4), (429, 1)]));
+        let indices: Vec<usize> = combined.samples.iter().map(|s| s.index).collect();
+        assert_eq!(indices, [0, 1, 3, 4, 5]);
+        assert_eq!(combined.samples[4].finished, Duration::from_millis(40));
+        assert_eq!(combined.per_second(), 5.0 / 0.04);
+    }
 
     #[test]
     fn percentiles_use_the_nearest_rank() {

@@ -14,13 +14,15 @@ use uuid::Uuid;
 
 use super::baseline::{self, HotRow, SEARCH_PAGE_SIZE};
 use super::client::{Answer, Call, Endpoint, Worker};
-use super::load::{drive, Job};
+use super::load::{drive, Job, Run};
 use super::report::{self, Check, Checkout, Machine, Reads, Report, Search};
 use super::{HotRowBaseline, Options};
 
 const BUYER_PASSWORD: &str = "flash sale buyer password";
 /// At most this many buyers' carts are read in the cart figure.
 const MAX_CART_READERS: usize = 256;
+/// Rounds the read figures are taken in, alternating.
+const READ_ROUNDS: usize = 5;
 /// How long the read model may take to show the sale's last reservation.
 const CATCH_UP_TIMEOUT: Duration = Duration::from_secs(15);
 
@@ -497,20 +499,9 @@ async fn reads(
     checkout: &Checkout,
 ) -> anyhow::Result<Reads> {
     let requests = options.read_requests;
-    let c = options.concurrency;
-    let timeout = options.phase_timeout;
-
-    say(format!("[reads] GET /healthz ×{requests}"));
-    let healthz = drive(
-        requests,
-        c,
-        endpoints,
-        timeout,
-        job(|index, worker| {
-            Box::pin(async move { worker.send(index, &Call::get("/healthz")).await })
-        }),
-    )
-    .await?;
+    let healthz = job(|index, worker| {
+        Box::pin(async move { worker.send(index, &Call::get("/healthz")).await })
+    });
 
     let product_path: Arc<str> = format!("/api/v1/products/get-product/{slug}").into();
     let mut warm = Worker::new(endpoints.clone());
@@ -519,18 +510,11 @@ async fn reads(
             .await?
             .expect(200, "warming the product cache")?;
     }
-    say(format!("[reads] GET {product_path} ×{requests}"));
-    let product = drive(
-        requests,
-        c,
-        endpoints,
-        timeout,
-        job(move |index, worker| {
-            let path = product_path.clone();
-            Box::pin(async move { worker.send(index, &Call::get(&*path)).await })
-        }),
-    )
-    .await?;
+    let path = product_path.clone();
+    let product = job(move |index, worker| {
+        let path = path.clone();
+        Box::pin(async move { worker.send(index, &Call::get(&*path)).await })
+    });
 
     // Buyers who lost the sale still have their unit in the cart; the
     // winners' carts are empty. Prefer the fuller carts.
@@ -551,32 +535,60 @@ async fn reads(
             .await?
             .expect(200, "warming the cart cache")?;
     }
+    let readers_for_job = reader_tokens.clone();
+    let cart = job(move |index, worker| {
+        let token = readers_for_job[index % readers_for_job.len()].clone();
+        Box::pin(async move {
+            worker
+                .send(index, &Call::get("/api/v1/cart/get-cart").bearer(&token))
+                .await
+        })
+    });
+
     say(format!(
-        "[reads] GET /api/v1/cart/get-cart ×{requests} ({} buyers)",
+        "[reads] GET /healthz, {product_path}, /api/v1/cart/get-cart ({} buyers): \
+         ×{requests} each, taken in {READ_ROUNDS} alternating rounds",
         reader_tokens.len()
     ));
-    let readers_for_job = reader_tokens.clone();
-    let cart = drive(
-        requests,
-        c,
-        endpoints,
-        timeout,
-        job(move |index, worker| {
-            let token = readers_for_job[index % readers_for_job.len()].clone();
-            Box::pin(async move {
-                worker
-                    .send(index, &Call::get("/api/v1/cart/get-cart").bearer(&token))
-                    .await
-            })
-        }),
-    )
-    .await?;
+    let [healthz, product, cart] = alternate([healthz, product, cart], options, endpoints).await?;
     Ok(Reads {
         healthz,
         product,
         cart,
         cart_readers: reader_tokens.len(),
     })
+}
+
+/// Runs `options.read_requests` of each job, in `READ_ROUNDS` rounds that
+/// take the jobs in turn, so that whatever else the machine does meanwhile
+/// (autovacuum after the sale, say) weighs on each figure alike; the
+/// ratios between them are the point.
+async fn alternate<const N: usize>(
+    jobs: [Job; N],
+    options: &Options,
+    endpoints: &Arc<[Endpoint]>,
+) -> anyhow::Result<[Run; N]> {
+    let mut rounds: [Vec<Run>; N] = std::array::from_fn(|_| Vec::new());
+    for round in 0..READ_ROUNDS {
+        let count = share(options.read_requests, READ_ROUNDS, round);
+        for (job, runs) in jobs.iter().zip(rounds.iter_mut()) {
+            let run = drive(
+                count,
+                options.concurrency,
+                endpoints,
+                options.phase_timeout,
+                job.clone(),
+            )
+            .await?;
+            runs.push(run);
+        }
+    }
+    Ok(rounds.map(Run::combine))
+}
+
+/// Round `round`'s part of `total` split into `rounds` parts.
+fn share(total: usize, rounds: usize, round: usize) -> usize {
+    total / rounds + usize::from(round < total % rounds)
 }
 
 async fn search(
@@ -784,4 +796,19 @@ async fn event_diagnostics(
         super::load::ms(refused.p50)
     ));
     Ok(lines)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::share;
+
+    #[test]
+    fn rounds_share_the_requests_without_losing_any() {
+        for (total, rounds) in [(20_000, 5), (7, 5), (3, 5), (0, 5), (100_001, 5)] {
+            let parts: Vec<usize> = (0..rounds).map(|r| share(total, rounds, r)).collect();
+            assert_eq!(parts.iter().sum::<usize>(), total, "{total} in {rounds}");
+            let (min, max) = (parts.iter().min().unwrap(), parts.iter().max().unwrap());
+            assert!(max - min <= 1, "{parts:?}");
+        }
+    }
 }
