@@ -128,7 +128,7 @@ pub enum StepOutcome {
 /// step, unless someone waits for them. Every step is a transaction of six
 /// or more statements whatever it applies; during a flash sale, stepping on
 /// every commit made projections the larger part of the database's work.
-const PACE: Duration = Duration::from_millis(20);
+const PACE: Duration = Duration::from_millis(50);
 
 pub struct ProjectionRunner {
     pool: PgPool,
