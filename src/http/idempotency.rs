@@ -227,8 +227,8 @@ fn replay(status: u16, content_type: Option<String>, body: Vec<u8>) -> HttpRespo
 }
 
 // On the routes that require a key, key records are written with
-// `synchronous_commit` off for their own transaction (see the ledger),
-// which spares two disk flushes per request. What a crash of Postgres can
+// `synchronous_commit` off for the statement that writes them when every
+// key in it may be (see the ledger), which spares the disk flushes. What a crash of Postgres can
 // lose is a record written in the last fraction of a second; the retry
 // then runs the handler again, and those handlers are idempotent by ids
 // derived from the key (order id, intent id, settlement once per order),

@@ -80,13 +80,6 @@ impl Write {
             Write::Record(record, _) => &record.key,
         }
     }
-
-    fn fail(self, error: &str) {
-        match self {
-            Write::Claim(_, reply) => drop(reply.send(Err(error.to_owned()))),
-            Write::Record(_, reply) => drop(reply.send(Err(error.to_owned()))),
-        }
-    }
 }
 
 /// The handle to this instance's key writer.
@@ -139,16 +132,17 @@ async fn run(pool: PgPool, mut queue: mpsc::Receiver<Write>) {
     let mut waiting: Vec<Write> = Vec::new();
     let mut deferred: Vec<Write> = Vec::new();
     loop {
-        if waiting.is_empty() && queue.recv_many(&mut waiting, MAX_BATCH).await == 0 {
-            return;
-        }
-        let room = MAX_BATCH.saturating_sub(waiting.len());
-        if room > 0 {
-            // Whatever else is already queued joins this statement.
-            while let Ok(write) = queue.try_recv() {
-                waiting.push(write);
-                if waiting.len() == MAX_BATCH {
-                    break;
+        if waiting.is_empty() {
+            if queue.recv_many(&mut waiting, MAX_BATCH).await == 0 {
+                return;
+            }
+        } else {
+            // Writes deferred from the last statement go first; whatever
+            // else is queued joins them.
+            while waiting.len() < MAX_BATCH {
+                match queue.try_recv() {
+                    Ok(write) => waiting.push(write),
+                    Err(_) => break,
                 }
             }
         }
@@ -197,15 +191,12 @@ async fn write_batch(pool: &PgPool, batch: Vec<Write>) {
         Err(error) => {
             let error = error.to_string();
             tracing::warn!(%error, "idempotency key batch failed");
-            claims
-                .into_iter()
-                .map(|(claim, reply)| Write::Claim(claim, reply))
-                .chain(
-                    records
-                        .into_iter()
-                        .map(|(record, reply)| Write::Record(record, reply)),
-                )
-                .for_each(|write| write.fail(&error));
+            for (_, reply) in claims {
+                let _ = reply.send(Err(error.clone()));
+            }
+            for (_, reply) in records {
+                let _ = reply.send(Err(error.clone()));
+            }
         }
     }
 }
