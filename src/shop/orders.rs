@@ -147,7 +147,7 @@ pub async fn own_order(
 async fn wait_for_placed_orders(state: &AppState, user_id: Uuid) -> Result<(), ApiError> {
     let last: Option<(i64, i64)> = sqlx::query_as(
         "SELECT txid, position FROM events \
-         WHERE event_type = 'OrderPlaced' AND payload->>'user_id' = $1 \
+         WHERE event_type = 'OrderPlaced' AND payload->'OrderPlaced'->>'user_id' = $1 \
          ORDER BY position DESC LIMIT 1",
     )
     .bind(user_id.to_string())

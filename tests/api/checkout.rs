@@ -1254,3 +1254,40 @@ async fn a_checkout_whose_cached_cart_is_behind_the_cart_orders_what_the_cart_ho
     assert_eq!(order["total_cents"], 3 * 1999);
     assert_eq!(counts(&stock(&app, &admin, variant).await), (10, 3, 7));
 }
+
+#[tokio::test]
+async fn a_buyers_order_list_waits_for_the_order_just_placed() {
+    let app = spawn_app().await;
+    let admin = TestUser::create_admin(&app).await;
+    let variant = product_with_stock(&app, &admin, 5).await;
+    let buyer = buyer_with_cart(&app, variant, 1).await;
+
+    // A transaction with an id holds every projection below it: the order
+    // is stored and answered, but the orders read model cannot have it
+    // until this commits.
+    let mut horizon = app.pool.begin().await.unwrap();
+    sqlx::query("SELECT pg_current_xact_id()")
+        .execute(&mut *horizon)
+        .await
+        .unwrap();
+    let placed = checkout(&app, &buyer, "wait-for-me").await;
+    assert_eq!(placed.status(), 201);
+    let order: Value = placed.json().await.unwrap();
+
+    let listing = tokio::spawn({
+        let api = app.api.clone();
+        let url = app.url("/api/v1/orders/my-orders");
+        let token = buyer.access_token.clone();
+        async move {
+            let response = api.get(url).bearer_auth(token).send().await.unwrap();
+            assert_eq!(response.status(), 200);
+            response.json::<Value>().await.unwrap()
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!listing.is_finished(), "the list waits for the read model");
+    horizon.commit().await.unwrap();
+    let listing = listing.await.unwrap();
+    assert_eq!(listing["page"]["total"], 1);
+    assert_eq!(listing["items"][0]["id"], order["id"]);
+}
