@@ -42,7 +42,7 @@ impl Projection for CartsProjection {
         tx: &mut PgConnection,
         event: &StoredEvent,
     ) -> Result<(), ProjectionError> {
-        let user_id = user_id_of(event)?;
+        let user_id = event.aggregate_uuid()?;
         // The cart's version guards every change: a replayed event is skipped.
         let fresh: Option<i32> = sqlx::query_scalar(
             "INSERT INTO carts (user_id, version, updated_at) VALUES ($1, $2, $3) \
@@ -57,10 +57,7 @@ impl Projection for CartsProjection {
         if fresh.is_none() {
             return Ok(());
         }
-        match event
-            .decode::<CartEvent>()
-            .map_err(|e| ProjectionError::decode(event, e))?
-        {
+        match event.payload_as::<CartEvent>()? {
             CartEvent::CartItemAdded {
                 variant_id,
                 quantity,
@@ -107,7 +104,7 @@ impl Projection for CartsProjection {
     ) -> Result<(), ProjectionError> {
         let owners = events
             .iter()
-            .map(user_id_of)
+            .map(StoredEvent::aggregate_uuid)
             .collect::<Result<Vec<Uuid>, _>>()?;
         let mut seen = HashSet::new();
         let user_ids: Vec<Uuid> = owners
@@ -135,10 +132,7 @@ impl Projection for CartsProjection {
             let fold = folded.entry(user_id).or_default();
             fold.version = event.sequence;
             fold.updated_at = Some(event.recorded_at);
-            match event
-                .decode::<CartEvent>()
-                .map_err(|e| ProjectionError::decode(event, e))?
-            {
+            match event.payload_as::<CartEvent>()? {
                 CartEvent::CartItemAdded {
                     variant_id,
                     quantity,
@@ -161,12 +155,6 @@ impl Projection for CartsProjection {
             .await?;
         Ok(())
     }
-}
-
-fn user_id_of(event: &StoredEvent) -> Result<Uuid, ProjectionError> {
-    event.aggregate_id.parse().map_err(|_| {
-        ProjectionError::Other(format!("cart id {:?} is not a UUID", event.aggregate_id))
-    })
 }
 
 /// What a batch's new events do to one cart.

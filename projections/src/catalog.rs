@@ -36,15 +36,6 @@ pub fn status_name(status: ProductStatus) -> &'static str {
     }
 }
 
-fn aggregate_uuid(event: &StoredEvent) -> Result<Uuid, ProjectionError> {
-    event.aggregate_id.parse().map_err(|_| {
-        ProjectionError::Other(format!(
-            "{} id {:?} is not a UUID",
-            event.aggregate_type, event.aggregate_id
-        ))
-    })
-}
-
 #[async_trait::async_trait]
 impl Projection for CatalogProjection {
     fn name(&self) -> &'static str {
@@ -64,16 +55,12 @@ impl Projection for CatalogProjection {
         tx: &mut PgConnection,
         event: &StoredEvent,
     ) -> Result<(), ProjectionError> {
-        let id = aggregate_uuid(event)?;
+        let id = event.aggregate_uuid()?;
         if event.aggregate_type == Category::TYPE {
-            let payload: CategoryEvent = event
-                .decode()
-                .map_err(|e| ProjectionError::decode(event, e))?;
+            let payload: CategoryEvent = event.payload_as()?;
             return apply_category(tx, id, event.sequence, payload).await;
         }
-        let payload: ProductEvent = event
-            .decode()
-            .map_err(|e| ProjectionError::decode(event, e))?;
+        let payload: ProductEvent = event.payload_as()?;
         apply_product(tx, id, event.sequence, payload).await
     }
 

@@ -54,10 +54,8 @@ impl Projection for OrdersProjection {
         tx: &mut PgConnection,
         event: &StoredEvent,
     ) -> Result<(), ProjectionError> {
-        let order_id = order_id_of(event)?;
-        let payload: OrderEvent = event
-            .decode()
-            .map_err(|e| ProjectionError::decode(event, e))?;
+        let order_id = event.aggregate_uuid()?;
+        let payload: OrderEvent = event.payload_as()?;
         let at = event.recorded_at;
         match payload {
             OrderEvent::OrderPlaced {
@@ -179,10 +177,8 @@ impl Projection for OrdersProjection {
         let decoded = events
             .iter()
             .map(|event| {
-                let order_id = order_id_of(event)?;
-                let payload: OrderEvent = event
-                    .decode()
-                    .map_err(|e| ProjectionError::decode(event, e))?;
+                let order_id = event.aggregate_uuid()?;
+                let payload: OrderEvent = event.payload_as()?;
                 Ok((order_id, event, payload))
             })
             .collect::<Result<Vec<_>, ProjectionError>>()?;
@@ -307,12 +303,6 @@ async fn update(
     .execute(tx)
     .await?;
     Ok(())
-}
-
-fn order_id_of(event: &StoredEvent) -> Result<Uuid, ProjectionError> {
-    event.aggregate_id.parse().map_err(|_| {
-        ProjectionError::Other(format!("order id {:?} is not a UUID", event.aggregate_id))
-    })
 }
 
 /// The columns of `orders` that events after the placement change.

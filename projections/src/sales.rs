@@ -112,12 +112,8 @@ impl Projection for SalesProjection {
         tx: &mut PgConnection,
         event: &StoredEvent,
     ) -> Result<(), ProjectionError> {
-        let order_id: Uuid = event.aggregate_id.parse().map_err(|_| {
-            ProjectionError::Other(format!("order id {:?} is not a UUID", event.aggregate_id))
-        })?;
-        let payload: OrderEvent = event
-            .decode()
-            .map_err(|e| ProjectionError::decode(event, e))?;
+        let order_id: Uuid = event.aggregate_uuid()?;
+        let payload: OrderEvent = event.payload_as()?;
         if let OrderEvent::OrderPlaced {
             lines,
             currency,

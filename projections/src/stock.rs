@@ -293,15 +293,8 @@ enum StockChange {
 impl StockChange {
     /// The item an event belongs to and what it changes.
     fn of(event: &StoredEvent) -> Result<(Uuid, Self), ProjectionError> {
-        let variant_id: Uuid = event.aggregate_id.parse().map_err(|_| {
-            ProjectionError::Other(format!(
-                "inventory item id {:?} is not a UUID",
-                event.aggregate_id
-            ))
-        })?;
-        let payload: InventoryEvent = event
-            .decode()
-            .map_err(|e| ProjectionError::decode(event, e))?;
+        let variant_id: Uuid = event.aggregate_uuid()?;
+        let payload: InventoryEvent = event.payload_as()?;
         let change = match payload {
             InventoryEvent::ItemRegistered { sku, on_hand, .. } => Self::Registered {
                 sku: sku.as_str().to_owned(),

@@ -3,6 +3,9 @@
 use chrono::{DateTime, Utc};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::runner::ProjectionError;
 
 /// A point in the store's global order: events are totally ordered by
 /// `(txid, position)`. Ordering by `position` alone is not gap-safe (a
@@ -49,6 +52,22 @@ impl StoredEvent {
     /// The payload as the aggregate's event type.
     pub fn decode<E: DeserializeOwned>(&self) -> Result<E, serde_json::Error> {
         E::deserialize(&self.payload)
+    }
+
+    /// The payload as a projection reads it: an event it cannot decode
+    /// fails the step, naming the event.
+    pub fn payload_as<E: DeserializeOwned>(&self) -> Result<E, ProjectionError> {
+        self.decode().map_err(|e| ProjectionError::decode(self, e))
+    }
+
+    /// The aggregate's id as a UUID, which every aggregate here uses.
+    pub fn aggregate_uuid(&self) -> Result<Uuid, ProjectionError> {
+        self.aggregate_id.parse().map_err(|_| {
+            ProjectionError::Other(format!(
+                "{} id {:?} is not a UUID",
+                self.aggregate_type, self.aggregate_id
+            ))
+        })
     }
 
     /// A metadata field as text (`actor`, `correlation_id`, `idempotency_key`).

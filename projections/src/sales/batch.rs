@@ -100,12 +100,8 @@ pub(super) async fn apply_batch(
     let decoded = events
         .iter()
         .map(|event| {
-            let order_id: Uuid = event.aggregate_id.parse().map_err(|_| {
-                ProjectionError::Other(format!("order id {:?} is not a UUID", event.aggregate_id))
-            })?;
-            let payload: OrderEvent = event
-                .decode()
-                .map_err(|e| ProjectionError::decode(event, e))?;
+            let order_id: Uuid = event.aggregate_uuid()?;
+            let payload: OrderEvent = event.payload_as()?;
             Ok((order_id, event, payload))
         })
         .collect::<Result<Vec<_>, ProjectionError>>()?;
