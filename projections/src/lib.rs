@@ -11,6 +11,7 @@ pub mod cache;
 pub mod carts;
 pub mod catalog;
 pub mod catalog_queries;
+mod feed;
 pub mod orders;
 pub mod rebuild;
 pub mod runner;

@@ -17,6 +17,7 @@ use std::time::Duration;
 use sqlx::{PgConnection, PgPool};
 use tokio::sync::{watch, Notify};
 
+use crate::feed::EventFeed;
 use crate::stored_event::{GlobalPosition, StoredEvent};
 
 #[derive(Debug, thiserror::Error)]
@@ -139,6 +140,8 @@ pub struct ProjectionRunner {
     /// Rung by a reader waiting for a write (read-your-writes): the next
     /// step comes now rather than after the pace.
     hurry: Notify,
+    /// Shared with the instance's other runners, when it has any.
+    feed: Option<Arc<EventFeed>>,
 }
 
 impl ProjectionRunner {
@@ -150,7 +153,14 @@ impl ProjectionRunner {
             checkpoint: watch::channel(GlobalPosition::START).0,
             unhandled: UnhandledTypes::default(),
             hurry: Notify::new(),
+            feed: None,
         }
+    }
+
+    /// Takes events from `feed`, shared with other runners, where it can.
+    pub(crate) fn with_feed(mut self, feed: Arc<EventFeed>) -> Self {
+        self.feed = Some(feed);
+        self
     }
 
     /// Asks the running loop to step now, for a reader waiting on it.
@@ -204,16 +214,8 @@ impl ProjectionRunner {
         .map(|(txid, position)| GlobalPosition { txid, position })
         .ok_or_else(|| ProjectionError::Other(format!("{} is not registered", self.name())))?;
 
-        let events = read_events(
-            &mut tx,
-            after,
-            None,
-            self.batch_size,
-            &self.unhandled.known(),
-        )
-        .await?;
-        self.unhandled.learn(self.projection.as_ref(), &events);
-        let Some(last) = events.last().map(StoredEvent::global_position) else {
+        let events = self.events_after(&mut tx, after).await?;
+        let Some(last) = events.last().map(|event| event.global_position()) else {
             self.checkpoint
                 .send_if_modified(|current| replace_if_newer(current, after));
             return Ok(StepOutcome::Idle);
@@ -222,6 +224,7 @@ impl ProjectionRunner {
         let relevant: Vec<StoredEvent> = events
             .into_iter()
             .filter(|e| self.projection.handles(&e.aggregate_type))
+            .map(|e| Arc::try_unwrap(e).unwrap_or_else(|shared| StoredEvent::clone(&shared)))
             .collect();
         if !relevant.is_empty() {
             self.projection.apply_batch(&mut tx, &relevant).await?;
@@ -248,6 +251,25 @@ impl ProjectionRunner {
         metrics::counter!("projection_events_applied_total", "projection" => self.name())
             .increment(read as u64);
         Ok(StepOutcome::Applied(read))
+    }
+
+    /// The next batch after `after`: from the shared feed when it has them,
+    /// else from the store, leaving out the payloads of events this
+    /// projection has said it does not handle.
+    async fn events_after(
+        &self,
+        tx: &mut PgConnection,
+        after: GlobalPosition,
+    ) -> Result<Vec<Arc<StoredEvent>>, ProjectionError> {
+        let limit = usize::try_from(self.batch_size).unwrap_or(usize::MAX);
+        if let Some(feed) = &self.feed {
+            if let Some(events) = feed.events_after(after, limit).await? {
+                return Ok(events);
+            }
+        }
+        let events = read_events(tx, after, None, self.batch_size, &self.unhandled.known()).await?;
+        self.unhandled.learn(self.projection.as_ref(), &events);
+        Ok(events.into_iter().map(Arc::new).collect())
     }
 
     /// Steps until the projection has applied every event committed before

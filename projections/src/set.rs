@@ -9,6 +9,7 @@ use sqlx::PgPool;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+use crate::feed::EventFeed;
 use crate::runner::{read_checkpoint, Projection, ProjectionError, ProjectionRunner};
 use crate::stored_event::GlobalPosition;
 
@@ -33,10 +34,13 @@ pub enum WaitError {
 
 impl ProjectionSet {
     pub fn new(pool: PgPool, projections: Vec<Arc<dyn Projection>>) -> Self {
+        let feed = Arc::new(EventFeed::new(pool.clone()));
         let runners = projections
             .into_iter()
             .map(|projection| {
-                let runner = Arc::new(ProjectionRunner::new(pool.clone(), projection));
+                let runner = Arc::new(
+                    ProjectionRunner::new(pool.clone(), projection).with_feed(feed.clone()),
+                );
                 (runner.name(), runner)
             })
             .collect();

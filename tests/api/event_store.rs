@@ -262,6 +262,41 @@ async fn a_tailing_projection_sees_every_event_once_in_order_while_commits_land_
     assert_seen_exactly_once_in_order(&app.pool, writers * streams, per_stream).await;
 }
 
+/// Each instance's runners share one read of the store (the event feed);
+/// two instances take turns on the projection, so each feed in turn finds
+/// the checkpoint ahead of what it read, or behind what it holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn instances_sharing_reads_among_their_runners_apply_every_event_once_in_order() {
+    let app = spawn_app().await;
+    create_seen_table(&app.pool).await;
+    let store = EventStore::new(app.pool.clone());
+    let instances: Vec<_> = (0..2)
+        .map(|_| projections::ProjectionSet::new(app.pool.clone(), vec![Arc::new(SeenEvents)]))
+        .collect();
+    let (stop, stopped) = watch::channel(false);
+    let tailing: Vec<_> = instances
+        .iter()
+        .flat_map(|set| set.spawn(&store.appended_signal(), &stopped))
+        .collect();
+
+    let (writers, streams, per_stream) = (12, 3, 15);
+    let tasks: Vec<_> = (0..writers)
+        .map(|writer| tokio::spawn(slow_writer(app.pool.clone(), writer, streams, per_stream)))
+        .collect();
+    for task in tasks {
+        task.await.unwrap();
+    }
+    store.signal_appended();
+    let runner = instances[1].runner("test_seen_events").unwrap();
+    catch_up_past_other_transactions(&app.pool, runner).await;
+    stop.send(true).unwrap();
+    for task in tailing {
+        task.await.unwrap();
+    }
+
+    assert_seen_exactly_once_in_order(&app.pool, writers * streams, per_stream).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_runner_killed_mid_stream_resumes_without_losing_or_repeating_events() {
     let app = spawn_app().await;
