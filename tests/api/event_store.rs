@@ -181,6 +181,16 @@ async fn slow_writer(pool: PgPool, writer: usize, streams: usize, count: i64) {
     }
 }
 
+/// Runs `writers` slow writers at once, to the end.
+async fn write_concurrently(pool: &PgPool, writers: usize, streams: usize, per_stream: i64) {
+    let tasks: Vec<_> = (0..writers)
+        .map(|writer| tokio::spawn(slow_writer(pool.clone(), writer, streams, per_stream)))
+        .collect();
+    for task in tasks {
+        task.await.unwrap();
+    }
+}
+
 /// Steps the runner until it has seen every stored test event. One
 /// `catch_up` can stop short: the horizon is the oldest transaction in the
 /// whole cluster, and other tests running in parallel hold theirs open.
@@ -248,12 +258,7 @@ async fn a_tailing_projection_sees_every_event_once_in_order_while_commits_land_
     let tailing = tokio::spawn(runner.clone().run(store.appended_signal(), stopped));
 
     let (writers, streams, per_stream) = (12, 3, 15);
-    let tasks: Vec<_> = (0..writers)
-        .map(|writer| tokio::spawn(slow_writer(app.pool.clone(), writer, streams, per_stream)))
-        .collect();
-    for task in tasks {
-        task.await.unwrap();
-    }
+    write_concurrently(&app.pool, writers, streams, per_stream).await;
     store.signal_appended();
     catch_up_past_other_transactions(&app.pool, &runner).await;
     stop.send(true).unwrap();
@@ -280,12 +285,7 @@ async fn instances_sharing_reads_among_their_runners_apply_every_event_once_in_o
         .collect();
 
     let (writers, streams, per_stream) = (12, 3, 15);
-    let tasks: Vec<_> = (0..writers)
-        .map(|writer| tokio::spawn(slow_writer(app.pool.clone(), writer, streams, per_stream)))
-        .collect();
-    for task in tasks {
-        task.await.unwrap();
-    }
+    write_concurrently(&app.pool, writers, streams, per_stream).await;
     store.signal_appended();
     let runner = instances[1].runner("test_seen_events").unwrap();
     catch_up_past_other_transactions(&app.pool, runner).await;
