@@ -21,7 +21,7 @@ use super::checkout_commit::{CheckoutError, CheckoutOutcome, CheckoutRequest};
 use super::orders::{order_view, OrderItem, OrderView};
 use crate::auth::AuthUser;
 use crate::event_store::{CommandError, Metadata};
-use crate::http::idempotency::IdempotencyKey;
+use crate::http::idempotency::{IdempotencyKey, KeyClaim};
 use crate::http::middleware::request_id_of;
 use crate::http::problem::ApiError;
 use crate::state::AppState;
@@ -60,6 +60,7 @@ pub async fn check_out(
     state: &AppState,
     user: AuthUser,
     key: &IdempotencyKey,
+    claim: &KeyClaim,
     metadata: Metadata,
     now: DateTime<Utc>,
 ) -> Result<OrderView, ApiError> {
@@ -76,7 +77,11 @@ pub async fn check_out(
         // when they differ, the next read goes to the carts read model,
         // which by then holds every change of the cart.
         let items = if read == 0 {
-            cart_view(state, user.id).await?.items
+            // Read while the key is claimed; nothing is changed before the
+            // claim is granted.
+            let (granted, cart) = tokio::join!(claim.granted(), cart_view(state, user.id));
+            granted?;
+            cart?.items
         } else {
             cart_lines(&state.pool, user.id).await?
         };
@@ -239,11 +244,12 @@ pub async fn checkout(
     request: HttpRequest,
     user: AuthUser,
     key: IdempotencyKey,
+    claim: KeyClaim,
     // The body is `{}`: the order comes from the cart, never from the client.
     _body: crate::http::extract::Json<serde_json::Map<String, serde_json::Value>>,
 ) -> Result<HttpResponse, ApiError> {
     let metadata =
         Metadata::user(user.id, request_id_of(&request)).with_idempotency_key(Some(key.0.clone()));
-    let order = check_out(&state, user, &key, metadata, Utc::now()).await?;
+    let order = check_out(&state, user, &key, &claim, metadata, Utc::now()).await?;
     Ok(HttpResponse::Created().json(order))
 }

@@ -3,10 +3,13 @@
 //! paths (a dead first attempt, a running one) behave as with one statement
 //! per key.
 
+use std::time::Duration;
+
 use commerce::http::idempotency::ledger::{Claim, ClaimResult, KeyId, KeyLedger, Record};
+use serde_json::json;
 use uuid::Uuid;
 
-use crate::helpers::{problem, spawn_app};
+use crate::helpers::{problem, spawn_app, TestApp};
 use crate::shop_support::{add_to_cart, checkout, stocked_product};
 use crate::users::TestUser;
 
@@ -147,6 +150,9 @@ async fn a_key_whose_first_attempt_died_is_taken_over_and_a_running_one_is_not()
     let first = checkout(&app, &buyer, "died").await;
     assert_eq!(first.status(), 201);
     let order: serde_json::Value = first.json().await.unwrap();
+    // Checkout answers before its record is written: the crash below must
+    // come after the record, or the record would undo it.
+    recorded(&app, buyer.id, "died").await;
 
     // As if the first attempt had stored its order and then died before it
     // recorded its answer: the key is leased by no one alive.
@@ -168,6 +174,7 @@ async fn a_key_whose_first_attempt_died_is_taken_over_and_a_running_one_is_not()
     assert_eq!(retried["id"], order["id"], "the same order, not a second");
 
     // A first attempt still running (its lease alive) is not run twice.
+    recorded(&app, buyer.id, "died").await;
     assert_eq!(forget(60.0).await.unwrap().rows_affected(), 1);
     let meanwhile = checkout(&app, &buyer, "died").await;
     problem(meanwhile, 409, "idempotency_in_progress").await;
@@ -179,5 +186,69 @@ async fn a_key_whose_first_attempt_died_is_taken_over_and_a_running_one_is_not()
     .await
     .unwrap();
     assert_eq!(orders, 1);
+    app.stop().await;
+}
+
+/// Waits until the answer to `key` is stored.
+async fn recorded(app: &TestApp, user_id: Uuid, key: &str) {
+    for _ in 0..200 {
+        let status: Option<i16> = sqlx::query_scalar(
+            "SELECT response_status FROM idempotency_keys WHERE user_id = $1 AND key = $2",
+        )
+        .bind(user_id)
+        .bind(key)
+        .fetch_optional(&app.pool)
+        .await
+        .unwrap()
+        .flatten();
+        if status.is_some() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("the answer to {key} was never recorded");
+}
+
+#[tokio::test]
+async fn a_refused_checkout_replays_its_refusal_and_places_nothing_after_a_restock() {
+    let app = spawn_app().await;
+    let admin = TestUser::create_admin(&app).await;
+    let drop = stocked_product(&app, &admin, 2500, 1).await;
+    let buyer = TestUser::register_customer(&app).await;
+    assert_eq!(
+        add_to_cart(&app, &buyer, drop.variant_id, 2).await.status(),
+        200
+    );
+    let refused = checkout(&app, &buyer, "too-early").await;
+    problem(refused, 409, "insufficient_stock").await;
+    recorded(&app, buyer.id, "too-early").await;
+
+    let restock = app
+        .post_json_as(
+            "/api/v1/stock/add-stock",
+            &admin.access_token,
+            &json!({ "variant_id": drop.variant_id, "quantity": 5 }),
+        )
+        .await;
+    assert_eq!(restock.status(), 200);
+    // The handler reads the cart while the key is claimed; the claim finds
+    // the refusal, so the checkout must not go on to place the order.
+    let retried = checkout(&app, &buyer, "too-early").await;
+    assert_eq!(retried.headers()["idempotent-replayed"], "true");
+    problem(retried, 409, "insufficient_stock").await;
+
+    let orders: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM events WHERE aggregate_type = 'Order' AND event_type = 'OrderPlaced'",
+    )
+    .fetch_one(&app.pool)
+    .await
+    .unwrap();
+    assert_eq!(orders, 0, "the replayed refusal placed no order");
+    let placed = checkout(&app, &buyer, "after-restock").await;
+    assert_eq!(
+        placed.status(),
+        201,
+        "a new key checks out the restocked cart"
+    );
     app.stop().await;
 }

@@ -112,6 +112,16 @@ impl KeyLedger {
         self.send(Write::Record(record, reply), answer).await
     }
 
+    /// Queues a record without waiting for it to be written; a failure is
+    /// logged by the writer.
+    pub async fn record_later(&self, record: Record) -> Result<(), LedgerError> {
+        let (reply, _) = oneshot::channel();
+        self.queue
+            .send(Write::Record(record, reply))
+            .await
+            .map_err(|_| LedgerError(STOPPED.into()))
+    }
+
     async fn send<T>(
         &self,
         write: Write,
