@@ -30,11 +30,24 @@ pub struct HotRow {
     pub sell_out: Duration,
     /// Latencies of the successful updates.
     pub latencies: Latencies,
+    /// Updates per second of every run this one was chosen from, sorted.
+    pub runs_per_second: Vec<f64>,
 }
 
 impl HotRow {
     pub fn per_second(&self) -> f64 {
         rate(self.taken, self.sell_out)
+    }
+
+    /// The run with the median rate (the higher middle one of an even
+    /// count), knowing the rates of all of them; `None` without runs.
+    pub fn median_of(mut runs: Vec<HotRow>) -> Option<HotRow> {
+        runs.sort_by(|a, b| a.per_second().total_cmp(&b.per_second()));
+        let rates: Vec<f64> = runs.iter().map(HotRow::per_second).collect();
+        let middle = runs.len() / 2;
+        let mut median = (middle < runs.len()).then(|| runs.swap_remove(middle))?;
+        median.runs_per_second = rates;
+        Some(median)
     }
 }
 
@@ -48,13 +61,25 @@ pub async fn pool(database_url: &str, size: usize) -> anyhow::Result<(PgPool, us
         .connect(database_url)
         .await
         .context("connecting to Postgres")?;
-    let free: i64 = sqlx::query_scalar(
-        "SELECT current_setting('max_connections')::bigint \
-              - current_setting('superuser_reserved_connections')::bigint \
-              - (SELECT count(*) FROM pg_stat_activity)",
-    )
-    .fetch_one(&small)
-    .await?;
+    // Connections of a pool closed just before (the previous hot-row run)
+    // take a moment to go: wait a little for them.
+    let wanted = i64::try_from(size)
+        .unwrap_or(i64::MAX)
+        .saturating_add(CONNECTION_HEADROOM);
+    let waiting_since = Instant::now();
+    let free = loop {
+        let free: i64 = sqlx::query_scalar(
+            "SELECT current_setting('max_connections')::bigint \
+                  - current_setting('superuser_reserved_connections')::bigint \
+                  - (SELECT count(*) FROM pg_stat_activity)",
+        )
+        .fetch_one(&small)
+        .await?;
+        if free >= wanted || waiting_since.elapsed() > Duration::from_secs(3) {
+            break free;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
     small.close().await;
     let size = size.min(
         usize::try_from(free - CONNECTION_HEADROOM)
@@ -171,6 +196,7 @@ pub async fn hot_row(
         refused,
         sell_out,
         latencies: Latencies::of(successes.into_iter().map(|(_, latency)| latency).collect()),
+        runs_per_second: Vec::new(),
     })
 }
 
@@ -253,4 +279,30 @@ pub async fn sql_search(
         latencies: Latencies::of(latencies),
         total,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(taken: usize, seconds: u64) -> HotRow {
+        HotRow {
+            concurrency: 64,
+            taken,
+            refused: 0,
+            sell_out: Duration::from_secs(seconds),
+            latencies: Latencies::of(vec![Duration::from_millis(seconds)]),
+            runs_per_second: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn the_baseline_is_the_median_run_and_remembers_every_rate() {
+        let median =
+            HotRow::median_of(vec![run(3000, 1), run(1000, 1), run(2000, 1)]).expect("three runs");
+        assert_eq!(median.taken, 2000);
+        assert_eq!(median.latencies.p99, Duration::from_millis(1));
+        assert_eq!(median.runs_per_second, vec![1000.0, 2000.0, 3000.0]);
+        assert!(HotRow::median_of(Vec::new()).is_none());
+    }
 }

@@ -331,9 +331,20 @@ impl Report {
             } else {
                 ""
             };
+            let runs = if hot.runs_per_second.len() > 1 {
+                let rates: Vec<String> =
+                    hot.runs_per_second.iter().map(|r| per_second(*r)).collect();
+                format!(
+                    " (the median of {} runs: {})",
+                    rates.len(),
+                    rates.join(", ")
+                )
+            } else {
+                String::new()
+            };
             let _ = writeln!(
                 out,
-                "hot row (SQL, {} connections{capped}): {} units in {:.2} s = {}; latency {}",
+                "hot row (SQL, {} connections{capped}): {} units in {:.2} s = {}{runs}; latency {}",
                 hot.concurrency,
                 hot.taken,
                 hot.sell_out.as_secs_f64(),
