@@ -313,9 +313,10 @@ impl ProjectionRunner {
         let mut failures: u32 = 0;
         let mut idle_rounds: u32 = 0;
         while !*shutdown.borrow() {
-            let pause = match self.try_step().await {
+            let outcome = self.try_step().await;
+            let pause = match &outcome {
                 // A full batch: more are waiting.
-                Ok(StepOutcome::Applied(read)) if read as i64 >= self.batch_size => {
+                Ok(StepOutcome::Applied(read)) if *read as i64 >= self.batch_size => {
                     failures = 0;
                     idle_rounds = 0;
                     continue;
@@ -347,8 +348,13 @@ impl ProjectionRunner {
                     Duration::from_millis(100u64.saturating_mul(1 << failures.min(6)))
                 }
             };
+            // After `Busy` another instance is applying, and it applies what
+            // is appended meanwhile too: appends do not cut this pause
+            // short. With several instances, every runner trying again on
+            // every append cost a transaction each time, for nothing.
+            let wake_on_appends = !matches!(outcome, Ok(StepOutcome::Busy));
             tokio::select! {
-                changed = wake.changed() => {
+                changed = wake.changed(), if wake_on_appends => {
                     if changed.is_err() { return; }
                     idle_rounds = 0;
                 }
