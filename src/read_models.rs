@@ -33,6 +33,15 @@ impl Caches {
         Self::from_cache(VersionedCache::new(redis.connection(), redis.key("")))
     }
 
+    /// These caches on another connection.
+    pub fn on_connection(&self, connection: Option<redis::aio::ConnectionManager>) -> Self {
+        Self {
+            catalog: self.catalog.clone().on_connection(connection.clone()),
+            stock: self.stock.clone().on_connection(connection.clone()),
+            carts: self.carts.clone().on_connection(connection),
+        }
+    }
+
     /// Both caches on one connection and prefix, each with its own expiry.
     pub fn from_cache(cache: VersionedCache) -> Self {
         Self {

@@ -23,6 +23,7 @@ use crate::read_models::Caches;
 use crate::redis_cache::Redis;
 use crate::shop::checkout_commit::CheckoutCommitter;
 
+#[derive(Clone)]
 pub struct AppState {
     pub settings: Arc<Settings>,
     pub pool: PgPool,
@@ -45,6 +46,23 @@ pub struct AppState {
     /// Versioned Redis caches of product detail and stock.
     pub caches: Caches,
     pub payments: Arc<dyn PaymentProvider>,
+}
+
+impl AppState {
+    /// This state for one HTTP worker: the same everything, but cache reads
+    /// on a Redis connection of the worker's own, made lazily on its first
+    /// use, so its replies wake the worker's thread instead of going
+    /// through a connection task on another one.
+    pub fn for_worker(&self) -> Self {
+        let mut state = self.clone();
+        match Redis::connect_lazily(&self.settings) {
+            Ok(redis) => state.caches = self.caches.on_connection(redis.connection()),
+            Err(error) => {
+                tracing::warn!(%error, "worker keeps the shared Redis connection");
+            }
+        }
+        state
+    }
 }
 
 /// How long a handler waits for a read model to show its own write.

@@ -96,6 +96,13 @@ impl VersionedCache {
         self
     }
 
+    /// This cache (same keys, expiry and failure state) on another
+    /// connection.
+    pub fn on_connection(mut self, connection: Option<ConnectionManager>) -> Self {
+        self.connection = connection;
+        self
+    }
+
     /// The full key of an entry.
     pub fn key(&self, name: &str) -> String {
         format!("{}{name}", self.prefix)
