@@ -252,7 +252,7 @@ impl Keyed {
     async fn claim(&self, fingerprint: Vec<u8>) -> Result<Claim, ApiError> {
         let deadline = tokio::time::Instant::now() + WAIT_FOR_FIRST;
         loop {
-            match claim(self, &fingerprint).await? {
+            match self.claim_once(&fingerprint).await? {
                 Claim::Refused(Refusal::InProgress) if tokio::time::Instant::now() < deadline => {
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
@@ -354,52 +354,54 @@ fn replay(status: u16, content_type: Option<String>, body: Vec<u8>) -> HttpRespo
 // same outcome. Their business effect is in the event store, committed
 // synchronously. A key sent to any other route is recorded durably before
 // the answer: its handler may not be idempotent on its own.
-async fn claim(keyed: &Keyed, fingerprint: &[u8]) -> Result<Claim, ApiError> {
-    let Keyed {
-        ref pool,
-        ref ledger,
-        user_id,
-        ref key,
-        relaxed,
-    } = *keyed;
-    let claim = ledger::Claim {
-        key: KeyId {
+impl Keyed {
+    /// One try at claiming the key.
+    async fn claim_once(&self, fingerprint: &[u8]) -> Result<Claim, ApiError> {
+        let Self {
+            pool,
+            ledger,
             user_id,
-            key: key.clone(),
-        },
-        fingerprint: fingerprint.to_vec(),
-        lease_seconds: LEASE.as_secs_f64(),
-        relaxed,
-    };
-    let stored = match ledger.claim(claim).await.map_err(ApiError::internal)? {
-        ClaimResult::Inserted => return Ok(Claim::Run),
-        // Inserted by a request still running, or released after a server
-        // error, since the claim's snapshot: look again.
-        ClaimResult::Unseen => return Ok(Claim::Refused(Refusal::InProgress)),
-        ClaimResult::Existing(stored) => stored,
-    };
-    let StoredKey {
-        fingerprint: stored_fingerprint,
-        status,
-        content_type,
-        body,
-        lease_alive,
-    } = stored;
-    if stored_fingerprint != fingerprint {
-        return Ok(Claim::Refused(Refusal::Reused));
-    }
-    if let (Some(status), Some(body)) = (status, body) {
-        return Ok(Claim::Refused(Refusal::Replay {
-            status: status as u16,
+            key,
+            relaxed,
+        } = self;
+        let claim = ledger::Claim {
+            key: KeyId {
+                user_id: *user_id,
+                key: key.clone(),
+            },
+            fingerprint: fingerprint.to_vec(),
+            lease_seconds: LEASE.as_secs_f64(),
+            relaxed: *relaxed,
+        };
+        let stored = match ledger.claim(claim).await.map_err(ApiError::internal)? {
+            ClaimResult::Inserted => return Ok(Claim::Run),
+            // Inserted by a request still running, or released after a server
+            // error, since the claim's snapshot: look again.
+            ClaimResult::Unseen => return Ok(Claim::Refused(Refusal::InProgress)),
+            ClaimResult::Existing(stored) => stored,
+        };
+        let StoredKey {
+            fingerprint: stored_fingerprint,
+            status,
             content_type,
             body,
-        }));
-    }
-    if lease_alive {
-        return Ok(Claim::Refused(Refusal::InProgress));
-    }
-    // The first attempt died holding the lease: take it over, once.
-    let taken = sqlx::query(
+            lease_alive,
+        } = stored;
+        if stored_fingerprint != fingerprint {
+            return Ok(Claim::Refused(Refusal::Reused));
+        }
+        if let (Some(status), Some(body)) = (status, body) {
+            return Ok(Claim::Refused(Refusal::Replay {
+                status: status as u16,
+                content_type,
+                body,
+            }));
+        }
+        if lease_alive {
+            return Ok(Claim::Refused(Refusal::InProgress));
+        }
+        // The first attempt died holding the lease: take it over, once.
+        let taken = sqlx::query(
         "WITH relaxed AS (SELECT set_config('synchronous_commit', \
                            CASE WHEN $4 THEN 'off' ELSE current_setting('synchronous_commit') END, true)) \
          UPDATE idempotency_keys SET leased_until = now() + make_interval(secs => $3) FROM relaxed \
@@ -413,11 +415,12 @@ async fn claim(keyed: &Keyed, fingerprint: &[u8]) -> Result<Claim, ApiError> {
     .execute(pool)
     .await?
     .rows_affected();
-    Ok(if taken == 1 {
-        Claim::Run
-    } else {
-        Claim::Refused(Refusal::InProgress)
-    })
+        Ok(if taken == 1 {
+            Claim::Run
+        } else {
+            Claim::Refused(Refusal::InProgress)
+        })
+    }
 }
 
 /// Forgets a key whose request failed on our side, so the client can retry.

@@ -116,8 +116,12 @@ impl KeyLedger {
     /// logged by the writer.
     pub async fn record_later(&self, record: Record) -> Result<(), LedgerError> {
         let (reply, _) = oneshot::channel();
+        self.enqueue(Write::Record(record, reply)).await
+    }
+
+    async fn enqueue(&self, write: Write) -> Result<(), LedgerError> {
         self.queue
-            .send(Write::Record(record, reply))
+            .send(write)
             .await
             .map_err(|_| LedgerError(STOPPED.into()))
     }
@@ -127,10 +131,7 @@ impl KeyLedger {
         write: Write,
         answer: oneshot::Receiver<Result<T, String>>,
     ) -> Result<T, LedgerError> {
-        self.queue
-            .send(write)
-            .await
-            .map_err(|_| LedgerError(STOPPED.into()))?;
+        self.enqueue(write).await?;
         answer
             .await
             .map_err(|_| LedgerError(STOPPED.into()))?
