@@ -10,6 +10,7 @@
 
 pub mod baseline;
 pub mod client;
+pub mod cpu;
 pub mod instances;
 pub mod load;
 pub mod report;

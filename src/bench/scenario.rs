@@ -14,6 +14,7 @@ use uuid::Uuid;
 
 use super::baseline::{self, HotRow, SEARCH_PAGE_SIZE};
 use super::client::{Answer, Call, Endpoint, Worker};
+use super::cpu::CpuSamples;
 use super::load::{drive, Job, Run};
 use super::report::{self, Check, Checkout, Machine, Reads, Report, Search};
 use super::{HotRowBaseline, Options};
@@ -127,10 +128,12 @@ pub async fn run(options: &Options) -> anyhow::Result<Report> {
         options.buyers
     ));
     let (stop_sampling, sampling) = tokio::sync::watch::channel(false);
-    let lag = tokio::spawn(projection_lag(db.clone(), sampling));
+    let lag = tokio::spawn(projection_lag(db.clone(), sampling.clone()));
+    let cpu = tokio::spawn(CpuSamples::collect(sampling));
     let checkout = sell(options, &endpoints, &tokens).await;
     let _ = stop_sampling.send(true);
     let lag = lag.await?;
+    let cpu = cpu.await?;
     let checkout = checkout?;
     say(format!(
         "[checkout] {} answers/s, {} successful/s; {}",
@@ -144,6 +147,12 @@ pub async fn run(options: &Options) -> anyhow::Result<Report> {
     let mut diagnostics = before.compare(&after, options.buyers, checkout.successful);
     diagnostics.extend(event_diagnostics(&db, before.last_position, &checkout).await?);
     diagnostics.extend(lag);
+    if let Some(idle) = cpu.idle_share_until(checkout.sell_out) {
+        diagnostics.push(format!(
+            "cores idle until the sell-out: {:.0}% of the machine's CPU time (/proc/stat, sampled every 50 ms)",
+            idle * 100.0
+        ));
+    }
 
     say("[invariants]");
     let admin_token = login(&mut admin, &options.admin_email, &options.admin_password).await?;
