@@ -1,10 +1,14 @@
-//! How busy the machine's cores were while the sale still had stock.
+//! How busy the machine's cores were while the sale still had stock, and
+//! who kept them busy.
 //!
 //! Everything the bench measures shares one machine, so "CPU-bound" is a
 //! claim about the whole machine: the kernel's idle counter (`/proc/stat`)
-//! says how much of the cores' time nobody used. Sampled through the sale
-//! and cut at the sell-out, because the refusals after it are cheaper and
-//! would dilute the figure.
+//! says how much of the cores' time nobody used, and each process's own
+//! counters (`/proc/<pid>/stat`) say who used the rest. Sampled through the
+//! sale and cut at the sell-out, because the refusals after it are cheaper
+//! and would dilute the figures. CPU time per successful checkout moves
+//! less from run to run than checkouts per second do, so it is the figure
+//! to compare two builds by.
 
 use std::time::{Duration, Instant};
 
@@ -12,6 +16,9 @@ use tokio::sync::watch;
 
 /// Sampling interval: the sale with stock lasts a second or two.
 const EVERY: Duration = Duration::from_millis(50);
+/// Clock ticks per second in `/proc` (`USER_HZ`, fixed at 100 by the
+/// kernel's ABI on every architecture Linux reports to user space).
+const TICKS_PER_SECOND: f64 = 100.0;
 
 /// The kernel's cumulative CPU counters, in clock ticks, over all cores.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -45,9 +52,131 @@ impl CpuTimes {
     }
 }
 
-/// Counters taken through a phase, each with its time from the phase's start.
+/// The processes the machine's CPU time is split between.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Group {
+    /// Processes named `commerce`: the server instances.
+    Server,
+    Postgres,
+    Redis,
+    /// This process: the load generator.
+    Bench,
+}
+
+impl Group {
+    pub const ALL: [Self; 4] = [Self::Server, Self::Postgres, Self::Redis, Self::Bench];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Server => "server",
+            Self::Postgres => "Postgres",
+            Self::Redis => "Redis",
+            Self::Bench => "bench",
+        }
+    }
+
+    fn of(pid: u32, command: &str) -> Option<Self> {
+        if pid == std::process::id() {
+            return Some(Self::Bench);
+        }
+        match command {
+            "commerce" => Some(Self::Server),
+            "postgres" => Some(Self::Postgres),
+            "redis-server" => Some(Self::Redis),
+            _ => None,
+        }
+    }
+}
+
+/// Clock ticks used so far by each `Group`'s live processes (user and
+/// system time of all their threads), in `Group::ALL` order.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct GroupTimes(pub [u64; 4]);
+
+impl GroupTimes {
+    /// Parses one `/proc/<pid>/stat` line into its command name and its
+    /// user plus system ticks. The name sits in parentheses and may hold
+    /// spaces or parentheses itself, so the fields are counted from the
+    /// last `)`.
+    pub fn parse_process(stat: &str) -> Option<(&str, u64)> {
+        let open = stat.find('(')?;
+        let close = stat.rfind(')')?;
+        let command = stat.get(open + 1..close)?;
+        // After the name: state (field 3), ..., utime (14), stime (15).
+        let mut fields = stat.get(close + 1..)?.split_whitespace().skip(11);
+        let user: u64 = fields.next()?.parse().ok()?;
+        let system: u64 = fields.next()?.parse().ok()?;
+        Some((command, user + system))
+    }
+
+    fn read() -> Self {
+        let mut times = Self::default();
+        let Ok(entries) = std::fs::read_dir("/proc") else {
+            return times;
+        };
+        for entry in entries.flatten() {
+            let Some(pid) = entry
+                .file_name()
+                .to_str()
+                .and_then(|n| n.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            // A process may end between the listing and the read.
+            let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+                continue;
+            };
+            let Some((command, ticks)) = Self::parse_process(&stat) else {
+                continue;
+            };
+            if let Some(group) = Group::of(pid, command) {
+                times.0[group as usize] += ticks;
+            }
+        }
+        times
+    }
+}
+
+/// One sample: the machine's counters and the groups' counters.
+#[derive(Debug, Clone, Copy)]
+struct Sample {
+    at: Duration,
+    machine: CpuTimes,
+    groups: GroupTimes,
+}
+
+/// Counters taken through a phase.
 #[derive(Debug, Default)]
-pub struct CpuSamples(Vec<(Duration, CpuTimes)>);
+pub struct CpuSamples(Vec<Sample>);
+
+/// Where the machine's CPU time went over a stretch of the sale.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CpuSplit {
+    /// Shares of the machine's time (all cores), in `Group::ALL` order.
+    pub groups: [f64; 4],
+    /// Used by processes outside the groups, or by ones that ended.
+    pub other: f64,
+    pub idle: f64,
+    /// How many cores the machine has, as its counters tell.
+    pub cores: f64,
+}
+
+impl CpuSplit {
+    /// Each group's CPU time per one of `count` things done in `span`
+    /// (successful checkouts until the sell-out, say), in microseconds, in
+    /// `Group::ALL` order. The samples cover a little less than `span`, so
+    /// the rates they give are applied to all of it.
+    pub fn micros_per(&self, count: usize, span: Duration) -> Option<[f64; 4]> {
+        if count == 0 {
+            return None;
+        }
+        let machine_micros = self.cores * span.as_secs_f64() * 1e6;
+        Some(
+            self.groups
+                .map(|share| share * machine_micros / count as f64),
+        )
+    }
+}
 
 impl CpuSamples {
     /// Samples until `stop` turns true (or its sender is dropped); empty
@@ -57,7 +186,11 @@ impl CpuSamples {
         let mut samples = Vec::new();
         loop {
             match CpuTimes::read() {
-                Some(times) => samples.push((started.elapsed(), times)),
+                Some(machine) => samples.push(Sample {
+                    at: started.elapsed(),
+                    machine,
+                    groups: GroupTimes::read(),
+                }),
                 None => return Self::default(),
             }
             if *stop.borrow() {
@@ -70,14 +203,27 @@ impl CpuSamples {
         }
     }
 
-    /// The share of the cores' time left idle from the first sample to the
-    /// last one taken at or before `until`; `None` with fewer than two.
-    pub fn idle_share_until(&self, until: Duration) -> Option<f64> {
-        let (_, first) = self.0.first()?;
-        let (_, last) = self.0.iter().rev().find(|(at, _)| *at <= until)?;
-        let total = last.total.checked_sub(first.total).filter(|t| *t > 0)?;
-        let idle = last.idle.saturating_sub(first.idle);
-        Some(idle as f64 / total as f64)
+    /// Where the time went from the first sample to the last one taken at
+    /// or before `until`; `None` with fewer than two.
+    pub fn split_until(&self, until: Duration) -> Option<CpuSplit> {
+        let first = self.0.first()?;
+        let last = self.0.iter().rev().find(|sample| sample.at <= until)?;
+        let total = last
+            .machine
+            .total
+            .checked_sub(first.machine.total)
+            .filter(|t| *t > 0)?;
+        let covered = last.at.checked_sub(first.at).filter(|d| !d.is_zero())?;
+        let share = |ticks: u64| ticks as f64 / total as f64;
+        let groups: [f64; 4] =
+            std::array::from_fn(|i| share(last.groups.0[i].saturating_sub(first.groups.0[i])));
+        let idle = share(last.machine.idle.saturating_sub(first.machine.idle));
+        Some(CpuSplit {
+            groups,
+            other: (1.0 - idle - groups.iter().sum::<f64>()).max(0.0),
+            idle,
+            cores: total as f64 / TICKS_PER_SECOND / covered.as_secs_f64(),
+        })
     }
 }
 
@@ -100,24 +246,44 @@ mod tests {
     }
 
     #[test]
-    fn the_idle_share_stops_at_the_last_sample_before_the_cut() {
-        let at =
-            |ms: u64, idle: u64, total: u64| (Duration::from_millis(ms), CpuTimes { idle, total });
+    fn parses_a_process_line_whose_name_holds_parentheses_and_spaces() {
+        let stat = "4242 (odd ) name) S 1 4242 4242 0 -1 4194560 500 0 0 0 \
+                    170 30 0 0 20 0 9 0 12345 1000000 200 18446744073709551615";
+        assert_eq!(GroupTimes::parse_process(stat), Some(("odd ) name", 200)));
+        assert_eq!(
+            GroupTimes::parse_process("7 (postgres) S 1 2 3"),
+            None,
+            "a line cut short gives nothing"
+        );
+    }
+
+    #[test]
+    fn the_split_stops_at_the_last_sample_before_the_cut() {
+        let at = |ms: u64, idle: u64, total: u64, server: u64, postgres: u64| Sample {
+            at: Duration::from_millis(ms),
+            machine: CpuTimes { idle, total },
+            groups: GroupTimes([server, postgres, 0, 0]),
+        };
         let samples = CpuSamples(vec![
-            at(0, 1_000, 10_000),
-            at(50, 1_010, 10_100),
-            at(100, 1_030, 10_200),
-            at(150, 1_130, 10_300),
+            at(0, 1_000, 10_000, 500, 700),
+            at(50, 1_010, 10_100, 540, 740),
+            at(100, 1_030, 10_200, 580, 780),
+            at(150, 1_130, 10_300, 580, 780),
         ]);
-        assert_eq!(
-            samples.idle_share_until(Duration::from_millis(120)),
-            Some(0.15)
-        );
-        assert_eq!(
-            samples.idle_share_until(Duration::from_millis(500)),
-            Some(0.43333333333333335)
-        );
-        assert_eq!(samples.idle_share_until(Duration::ZERO), None);
-        assert_eq!(CpuSamples::default().idle_share_until(Duration::MAX), None);
+        let split = samples.split_until(Duration::from_millis(120)).unwrap();
+        assert_eq!(split.idle, 0.15);
+        assert_eq!(split.groups, [0.4, 0.4, 0.0, 0.0]);
+        assert!((split.other - 0.05).abs() < 1e-9);
+        // 200 ticks in 100 ms: 20 cores.
+        assert!((split.cores - 20.0).abs() < 1e-9);
+        // 0.4 of 20 cores for 0.1 s over 100 checkouts: 8 ms each.
+        let per = split.micros_per(100, Duration::from_millis(100)).unwrap();
+        assert!((per[0] - 8_000.0).abs() < 1e-6);
+        assert_eq!(split.micros_per(0, Duration::from_secs(1)), None);
+
+        let whole = samples.split_until(Duration::from_millis(500)).unwrap();
+        assert_eq!(whole.idle, 0.43333333333333335);
+        assert_eq!(samples.split_until(Duration::ZERO), None);
+        assert_eq!(CpuSamples::default().split_until(Duration::MAX), None);
     }
 }

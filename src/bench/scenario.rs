@@ -14,7 +14,7 @@ use uuid::Uuid;
 
 use super::baseline::{self, HotRow, SEARCH_PAGE_SIZE};
 use super::client::{Answer, Call, Endpoint, Worker};
-use super::cpu::CpuSamples;
+use super::cpu::{CpuSamples, CpuSplit, Group};
 use super::load::{drive, Job, Run};
 use super::report::{self, Check, Checkout, Machine, Reads, Report, Search};
 use super::{HotRowBaseline, Options};
@@ -147,11 +147,8 @@ pub async fn run(options: &Options) -> anyhow::Result<Report> {
     let mut diagnostics = before.compare(&after, options.buyers, checkout.successful);
     diagnostics.extend(event_diagnostics(&db, before.last_position, &checkout).await?);
     diagnostics.extend(lag);
-    if let Some(idle) = cpu.idle_share_until(checkout.sell_out) {
-        diagnostics.push(format!(
-            "cores idle until the sell-out: {:.0}% of the machine's CPU time (/proc/stat, sampled every 50 ms)",
-            idle * 100.0
-        ));
+    if let Some(split) = cpu.split_until(checkout.sell_out) {
+        diagnostics.extend(cpu_lines(&split, &checkout));
     }
 
     say("[invariants]");
@@ -842,6 +839,36 @@ async fn event_diagnostics(
         super::load::ms(refused.p50)
     ));
     Ok(lines)
+}
+
+/// Where the machine's CPU time went until the sell-out: shares of it, and
+/// CPU time per successful checkout (the figure that moves least between
+/// runs of one build).
+fn cpu_lines(split: &CpuSplit, checkout: &Checkout) -> Vec<String> {
+    let shares: Vec<String> = Group::ALL
+        .iter()
+        .zip(split.groups)
+        .map(|(group, share)| format!("{} {:.0}%", group.label(), share * 100.0))
+        .collect();
+    let mut lines = vec![format!(
+        "CPU until the sell-out (/proc, sampled every 50 ms): {}, other {:.0}%, idle {:.0}% of the machine's time",
+        shares.join(", "),
+        split.other * 100.0,
+        split.idle * 100.0
+    )];
+    if let Some(micros) = split.micros_per(checkout.successful, checkout.sell_out) {
+        let per: Vec<String> = Group::ALL
+            .iter()
+            .zip(micros)
+            .map(|(group, micros)| format!("{} {micros:.0} µs", group.label()))
+            .collect();
+        lines.push(format!(
+            "CPU per successful checkout until the sell-out: {} (total {:.0} µs)",
+            per.join(", "),
+            micros.iter().sum::<f64>()
+        ));
+    }
+    lines
 }
 
 #[cfg(test)]
