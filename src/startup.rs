@@ -70,7 +70,7 @@ impl Application {
             pool: pool.clone(),
             inventory: CommandBus::new(store.clone()),
             checkouts: CheckoutCommitter::start(store.clone(), caches.carts.clone()),
-            idempotency_keys: KeyLedger::start(pool.clone()),
+            idempotency_keys: KeyLedger::start(&pool),
             orders: CommandBus::new(store.clone()),
             carts: CommandBus::new(store.clone()),
             products: CommandBus::new(store.clone()),

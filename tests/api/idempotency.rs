@@ -28,7 +28,7 @@ fn claim(user_id: Uuid, key: &str, fingerprint: &[u8], relaxed: bool) -> Claim {
 #[tokio::test]
 async fn a_crowd_of_claims_and_records_each_get_their_own_answer() {
     let app = spawn_app().await;
-    let ledger = KeyLedger::start(app.pool.clone());
+    let ledger = KeyLedger::start(&app.pool);
     let user = Uuid::new_v4();
     let shared = "shared-key";
 
@@ -134,6 +134,89 @@ async fn a_crowd_of_claims_and_records_each_get_their_own_answer() {
         .await
         .unwrap();
     assert_eq!(rows, 301);
+    app.stop().await;
+}
+
+/// How often the key table was read whole, and through an index, as the
+/// statistics Postgres has gathered so far tell.
+async fn key_table_scans(app: &TestApp) -> (i64, i64) {
+    sqlx::query_as(
+        "SELECT seq_scan, coalesce(idx_scan, 0) FROM pg_stat_user_tables \
+         WHERE relname = 'idempotency_keys'",
+    )
+    .fetch_one(&app.pool)
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn the_key_writer_reads_keys_by_index_on_a_plan_made_while_the_table_was_empty() {
+    let app = spawn_app().await;
+    let ledger = KeyLedger::start(&app.pool);
+    let user = Uuid::new_v4();
+    // The writer's connection plans its statement once, generically, on
+    // the empty table.
+    let first = ledger
+        .claim(claim(user, "first", b"f", true))
+        .await
+        .expect("claim");
+    assert!(matches!(first, ClaimResult::Inserted));
+
+    // The table grows past what a scan of it would cost, without the
+    // `ANALYZE` that would have the plan made again.
+    sqlx::query(
+        "INSERT INTO idempotency_keys (user_id, key, fingerprint) \
+         SELECT gen_random_uuid(), 'bulk-' || n, '\\x00' FROM generate_series(1, 20000) n",
+    )
+    .execute(&app.pool)
+    .await
+    .unwrap();
+    // Backends report their statistics within a second or so of going
+    // idle, the migrations' index builds (which read the table) included:
+    // the count to compare with is the one that has stopped moving.
+    let mut settled = key_table_scans(&app).await;
+    loop {
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let now = key_table_scans(&app).await;
+        if now == settled {
+            break;
+        }
+        settled = now;
+    }
+    let (scans_before, index_reads_before) = settled;
+
+    for n in 0..20 {
+        let key = format!("key-{n}");
+        let claimed = ledger
+            .claim(claim(user, &key, b"f", true))
+            .await
+            .expect("claim");
+        assert!(matches!(claimed, ClaimResult::Inserted), "{key}");
+        ledger
+            .record(Record {
+                key: KeyId { user_id: user, key },
+                status: 201,
+                content_type: None,
+                body: b"{}".to_vec(),
+                relaxed: true,
+            })
+            .await
+            .expect("record");
+    }
+
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    let (scans, index_reads) = loop {
+        let (scans, index_reads) = key_table_scans(&app).await;
+        if index_reads >= index_reads_before + 40 || tokio::time::Instant::now() > deadline {
+            break (scans, index_reads);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(
+        index_reads >= index_reads_before + 40,
+        "the claims and records read keys by index ({index_reads_before} -> {index_reads})"
+    );
+    assert_eq!(scans, scans_before, "no statement read the whole key table");
     app.stop().await;
 }
 
