@@ -12,6 +12,7 @@ pub mod carts;
 pub mod catalog;
 pub mod catalog_queries;
 mod feed;
+mod leadership;
 pub mod orders;
 pub mod rebuild;
 pub mod runner;

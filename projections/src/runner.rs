@@ -131,6 +131,12 @@ pub enum StepOutcome {
 /// every commit made projections the larger part of the database's work.
 const PACE: Duration = Duration::from_millis(50);
 
+/// How often a runner of an instance that does not lead the projections
+/// steps on its own. The leader applies everything; this only bounds how
+/// long a stalled leader (alive, holding its lock, not stepping) can hold
+/// the read models back.
+const FOLLOWER_PACE: Duration = Duration::from_secs(1);
+
 pub struct ProjectionRunner {
     pool: PgPool,
     projection: Arc<dyn Projection>,
@@ -302,9 +308,13 @@ impl ProjectionRunner {
 
     /// Runs until `shutdown` turns true. `wake` changes whenever events were
     /// appended (by this instance, or by another one through NOTIFY).
+    /// `leading` tells whether this instance leads the projections: one
+    /// that does not steps only for a reader waiting here on a write, and
+    /// now and then in case the leader has stalled.
     pub async fn run(
         self: Arc<Self>,
         mut wake: watch::Receiver<u64>,
+        mut leading: watch::Receiver<bool>,
         mut shutdown: watch::Receiver<bool>,
     ) {
         if let Err(error) = self.register().await {
@@ -313,6 +323,17 @@ impl ProjectionRunner {
         let mut failures: u32 = 0;
         let mut idle_rounds: u32 = 0;
         while !*shutdown.borrow() {
+            if !*leading.borrow_and_update() {
+                tokio::select! {
+                    _ = self.hurry.notified() => {}
+                    _ = tokio::time::sleep(FOLLOWER_PACE) => {}
+                    changed = leading.changed() => {
+                        if changed.is_err() { return; }
+                        continue;
+                    }
+                    _ = shutdown.changed() => continue,
+                }
+            }
             let outcome = self.try_step().await;
             let pause = match &outcome {
                 // A full batch: more are waiting.

@@ -10,13 +10,26 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::feed::EventFeed;
+use crate::leadership;
 use crate::runner::{read_checkpoint, Projection, ProjectionError, ProjectionRunner};
 use crate::stored_event::GlobalPosition;
 
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct ProjectionSet {
     runners: Arc<HashMap<&'static str, Arc<ProjectionRunner>>>,
     pool: Option<PgPool>,
+    /// Whether this instance leads the projections (see `leadership`).
+    leading: Arc<watch::Sender<bool>>,
+}
+
+impl Default for ProjectionSet {
+    fn default() -> Self {
+        Self {
+            runners: Arc::default(),
+            pool: None,
+            leading: Arc::new(watch::channel(true).0),
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -47,7 +60,15 @@ impl ProjectionSet {
         Self {
             runners: Arc::new(runners),
             pool: Some(pool),
+            // Nobody leads until the leader's lock is won.
+            leading: Arc::new(watch::channel(false).0),
         }
+    }
+
+    /// Whether this instance leads the projections: applies every event,
+    /// where the others step only for their own readers.
+    pub fn leads(&self) -> bool {
+        *self.leading.borrow()
     }
 
     pub fn runner(&self, name: &str) -> Option<&Arc<ProjectionRunner>> {
@@ -58,16 +79,32 @@ impl ProjectionSet {
         self.runners.values()
     }
 
-    /// Starts one task per projection.
+    /// Starts one task per projection, and one that makes this instance
+    /// the projections' leader whenever no other instance is.
     pub fn spawn(
         &self,
         wake: &watch::Receiver<u64>,
         shutdown: &watch::Receiver<bool>,
     ) -> Vec<JoinHandle<()>> {
-        self.runners
+        let mut tasks: Vec<JoinHandle<()>> = self
+            .runners
             .values()
-            .map(|runner| tokio::spawn(runner.clone().run(wake.clone(), shutdown.clone())))
-            .collect()
+            .map(|runner| {
+                tokio::spawn(runner.clone().run(
+                    wake.clone(),
+                    self.leading.subscribe(),
+                    shutdown.clone(),
+                ))
+            })
+            .collect();
+        if let Some(pool) = &self.pool {
+            tasks.push(tokio::spawn(leadership::hold(
+                pool.clone(),
+                self.leading.clone(),
+                shutdown.clone(),
+            )));
+        }
+        tasks
     }
 
     /// Resolves once projection `name` has applied the event at `target`.

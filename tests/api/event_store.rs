@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 use sqlx::{PgConnection, PgPool};
 use tokio::sync::watch;
 
-use crate::helpers::spawn_app;
+use crate::helpers::{spawn_app, spawn_instance_like, TestApp};
 
 /// A test aggregate shaped like stock: adds are refused beyond a cap, and a
 /// re-sent operation id changes nothing.
@@ -255,7 +255,12 @@ async fn a_tailing_projection_sees_every_event_once_in_order_while_commits_land_
         Arc::new(ProjectionRunner::new(app.pool.clone(), Arc::new(SeenEvents)).with_batch_size(7));
     runner.register().await.unwrap();
     let (stop, stopped) = watch::channel(false);
-    let tailing = tokio::spawn(runner.clone().run(store.appended_signal(), stopped));
+    let (_leader, leading) = watch::channel(true);
+    let tailing = tokio::spawn(
+        runner
+            .clone()
+            .run(store.appended_signal(), leading, stopped),
+    );
 
     let (writers, streams, per_stream) = (12, 3, 15);
     write_concurrently(&app.pool, writers, streams, per_stream).await;
@@ -315,7 +320,8 @@ async fn a_runner_killed_mid_stream_resumes_without_losing_or_repeating_events()
             ProjectionRunner::new(app.pool.clone(), Arc::new(SeenEvents)).with_batch_size(5),
         );
         let (_stop, stopped) = watch::channel(false);
-        let tailing = tokio::spawn(runner.run(store.appended_signal(), stopped));
+        let (_leader, leading) = watch::channel(true);
+        let tailing = tokio::spawn(runner.run(store.appended_signal(), leading, stopped));
         tokio::time::sleep(Duration::from_millis(rand::rng().random_range(20..80))).await;
         tailing.abort();
         let _ = tailing.await;
@@ -555,4 +561,53 @@ async fn a_handler_can_wait_until_a_projection_has_applied_its_write() {
         seen, 1,
         "the read model shows the write as soon as the wait returns"
     );
+}
+
+/// Waits up to `within` for `condition`, checking every 20 ms.
+async fn eventually(within: Duration, condition: impl Fn() -> bool) -> bool {
+    let deadline = tokio::time::Instant::now() + within;
+    while tokio::time::Instant::now() < deadline {
+        if condition() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    condition()
+}
+
+fn leaders(apps: &[&TestApp]) -> usize {
+    apps.iter()
+        .filter(|app| app.state.projections.leads())
+        .count()
+}
+
+#[tokio::test]
+async fn one_instance_leads_the_projections_and_another_takes_over_when_it_stops() {
+    let first = spawn_app().await;
+    let second = spawn_instance_like(&first).await;
+    assert!(
+        eventually(Duration::from_secs(5), || leaders(&[&first, &second]) == 1).await,
+        "one of two instances leads"
+    );
+    // The lock is held, not won again on every try: still one, a while on.
+    for _ in 0..10 {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        assert_eq!(leaders(&[&first, &second]), 1, "exactly one leads");
+    }
+
+    let (leader, follower) = if first.state.projections.leads() {
+        (first, second)
+    } else {
+        (second, first)
+    };
+    leader.stop().await;
+    assert!(
+        eventually(Duration::from_secs(5), || follower
+            .state
+            .projections
+            .leads())
+        .await,
+        "the other instance leads once the leader stopped"
+    );
+    follower.stop().await;
 }
