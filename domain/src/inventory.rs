@@ -1,7 +1,7 @@
 //! The stock of one product variant: what is on the shelf, and which orders
 //! hold how much of it.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{HashMap, HashSet};
 
 use cqrs_es::event_sink::EventSink;
 use cqrs_es::{Aggregate, DomainEvent};
@@ -26,8 +26,12 @@ pub struct InventoryItem {
     initial_on_hand: u32,
     on_hand: u32,
     reserved: u32,
-    reservations: BTreeMap<Uuid, u32>,
-    committed: BTreeSet<Uuid>,
+    // Hashed, not ordered: nothing reads them in order, and the checkout
+    // committer copies a hot item for every batch, which costs one
+    // allocation for a hash map and one per node of a B-tree (a tenth of
+    // the server's CPU went to copying and dropping B-trees in a sale).
+    reservations: HashMap<Uuid, u32>,
+    committed: HashSet<Uuid>,
 }
 
 /// Why an order gave its reserved units back.
@@ -207,7 +211,7 @@ impl InventoryItem {
     }
 
     /// Every live reservation, by order id.
-    pub fn reservations(&self) -> &BTreeMap<Uuid, u32> {
+    pub fn reservations(&self) -> &HashMap<Uuid, u32> {
         &self.reservations
     }
 
