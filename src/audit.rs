@@ -9,6 +9,7 @@ use domain::order::Order;
 use projections::stored_event::STORED_EVENT_COLUMNS;
 use projections::StoredEvent;
 use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
 
@@ -28,9 +29,11 @@ pub struct AuditEvent {
     pub aggregate_id: String,
     pub sequence: i64,
     pub event_type: String,
-    pub payload: serde_json::Value,
+    #[schema(value_type = Object)]
+    pub payload: Box<RawValue>,
     /// `actor` (user id or `system`), `correlation_id`, `idempotency_key`.
-    pub metadata: serde_json::Value,
+    #[schema(value_type = Object)]
+    pub metadata: Box<RawValue>,
     pub recorded_at: DateTime<Utc>,
 }
 

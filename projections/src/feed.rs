@@ -131,8 +131,8 @@ mod tests {
             sequence: position,
             event_type: "Happened".into(),
             event_version: "1".into(),
-            payload: serde_json::Value::Null,
-            metadata: serde_json::Value::Null,
+            payload: serde_json::value::to_raw_value(&()).unwrap(),
+            metadata: serde_json::value::to_raw_value(&()).unwrap(),
             recorded_at: chrono::Utc::now(),
         }
     }

@@ -3,6 +3,7 @@
 use chrono::{DateTime, Utc};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 use uuid::Uuid;
 
 use crate::runner::ProjectionError;
@@ -27,7 +28,11 @@ impl GlobalPosition {
 }
 
 /// One row of the `events` table.
-#[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
+///
+/// Payload and metadata stay JSON text until something reads them, and are
+/// then decoded straight into the type that does: a flash sale's events
+/// used to be built into `serde_json::Value` trees first, maps and all.
+#[derive(Debug, Clone, sqlx::FromRow)]
 pub struct StoredEvent {
     pub position: i64,
     pub txid: i64,
@@ -36,9 +41,27 @@ pub struct StoredEvent {
     pub sequence: i64,
     pub event_type: String,
     pub event_version: String,
-    pub payload: serde_json::Value,
-    pub metadata: serde_json::Value,
+    #[sqlx(json)]
+    pub payload: Box<RawValue>,
+    /// `actor` (user id or `system`), `correlation_id`, `idempotency_key`.
+    #[sqlx(json)]
+    pub metadata: Box<RawValue>,
     pub recorded_at: DateTime<Utc>,
+}
+
+impl PartialEq for StoredEvent {
+    fn eq(&self, other: &Self) -> bool {
+        self.position == other.position
+            && self.txid == other.txid
+            && self.aggregate_type == other.aggregate_type
+            && self.aggregate_id == other.aggregate_id
+            && self.sequence == other.sequence
+            && self.event_type == other.event_type
+            && self.event_version == other.event_version
+            && self.payload.get() == other.payload.get()
+            && self.metadata.get() == other.metadata.get()
+            && self.recorded_at == other.recorded_at
+    }
 }
 
 impl StoredEvent {
@@ -51,7 +74,7 @@ impl StoredEvent {
 
     /// The payload as the aggregate's event type.
     pub fn decode<E: DeserializeOwned>(&self) -> Result<E, serde_json::Error> {
-        E::deserialize(&self.payload)
+        serde_json::from_str(self.payload.get())
     }
 
     /// The payload as a projection reads it: an event it cannot decode
@@ -71,8 +94,10 @@ impl StoredEvent {
     }
 
     /// A metadata field as text (`actor`, `correlation_id`, `idempotency_key`).
-    pub fn metadata_str(&self, key: &str) -> Option<&str> {
-        self.metadata.get(key).and_then(serde_json::Value::as_str)
+    pub fn metadata_str(&self, key: &str) -> Option<String> {
+        let fields: serde_json::Map<String, serde_json::Value> =
+            serde_json::from_str(self.metadata.get()).ok()?;
+        fields.get(key)?.as_str().map(str::to_owned)
     }
 }
 

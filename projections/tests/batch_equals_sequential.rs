@@ -538,8 +538,8 @@ fn mixed_store(seed: u64) -> Vec<StoredEvent> {
                 sequence,
                 event_type,
                 event_version: "1".into(),
-                payload,
-                metadata: json!({ "actor": "system" }),
+                payload: serde_json::value::to_raw_value(&payload).unwrap(),
+                metadata: serde_json::value::to_raw_value(&json!({ "actor": "system" })).unwrap(),
                 recorded_at: at + Duration::milliseconds(index as i64),
             },
         )

@@ -12,16 +12,16 @@ use projections::StoredEvent;
 
 use super::repository::{AppendError, EventStore, NewEvent};
 
-fn to_serialized(event: StoredEvent) -> SerializedEvent {
-    SerializedEvent {
+fn to_serialized(event: StoredEvent) -> Result<SerializedEvent, PersistenceError> {
+    Ok(SerializedEvent {
+        payload: serde_json::from_str(event.payload.get()).map_err(unknown)?,
+        metadata: serde_json::from_str(event.metadata.get()).map_err(unknown)?,
         aggregate_id: event.aggregate_id,
         sequence: usize::try_from(event.sequence).unwrap_or(usize::MAX),
         aggregate_type: event.aggregate_type,
         event_type: event.event_type,
         event_version: event.event_version,
-        payload: event.payload,
-        metadata: event.metadata,
-    }
+    })
 }
 
 fn unknown(error: impl std::error::Error + Send + Sync + 'static) -> PersistenceError {
@@ -43,7 +43,7 @@ impl EventStore {
             .load_after(A::TYPE, aggregate_id, after)
             .await
             .map_err(|e| PersistenceError::ConnectionError(Box::new(e)))?;
-        Ok(events.into_iter().map(to_serialized).collect())
+        events.into_iter().map(to_serialized).collect()
     }
 
     fn replay(events: Vec<SerializedEvent>) -> ReplayStream {
@@ -132,8 +132,10 @@ impl PersistedEventRepository for EventStore {
         .fetch_all(self.pool())
         .await
         .map_err(|e| PersistenceError::ConnectionError(Box::new(e)))?;
-        Ok(Self::replay(
-            events.into_iter().map(to_serialized).collect(),
-        ))
+        let events = events
+            .into_iter()
+            .map(to_serialized)
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Self::replay(events))
     }
 }

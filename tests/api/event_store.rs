@@ -482,9 +482,15 @@ async fn every_event_records_who_why_and_when() {
         .await
         .unwrap();
     let event = &events[0];
-    assert_eq!(event.metadata_str("actor"), Some(user.to_string().as_str()));
-    assert_eq!(event.metadata_str("correlation_id"), Some("request-42"));
-    assert_eq!(event.metadata_str("idempotency_key"), Some("key-1"));
+    assert_eq!(event.metadata_str("actor"), Some(user.to_string()));
+    assert_eq!(
+        event.metadata_str("correlation_id").as_deref(),
+        Some("request-42")
+    );
+    assert_eq!(
+        event.metadata_str("idempotency_key").as_deref(),
+        Some("key-1")
+    );
     assert!((chrono::Utc::now() - event.recorded_at).num_seconds().abs() < 60);
     assert_eq!(event.event_type, "Added");
 }
