@@ -331,7 +331,10 @@ impl ProjectionRunner {
                         if changed.is_err() { return; }
                         continue;
                     }
-                    _ = shutdown.changed() => continue,
+                    changed = shutdown.changed() => {
+                        if changed.is_err() { return; }
+                        continue;
+                    }
                 }
             }
             let outcome = self.try_step().await;

@@ -238,7 +238,11 @@ impl Worker {
             // instance waits for its turn, the checkouts that reach it join
             // the batch instead of waiting for the next turn. (A failure
             // here is met again, and answered, by the batch's own attempt.)
-            if self.take_items(&item_ids(&jobs)).await.is_ok() {
+            if self
+                .take_items(&item_ids(jobs.iter().map(|job| &job.request)))
+                .await
+                .is_ok()
+            {
                 self.join_waiting(&mut jobs, &mut queue, &mut later);
             }
             metrics::histogram!("checkout_batch_size").record(jobs.len() as f64);
@@ -333,10 +337,7 @@ impl Worker {
     }
 
     async fn attempt(&mut self, requests: &[&CheckoutRequest]) -> Result<Attempt, sqlx::Error> {
-        let item_ids: BTreeSet<Uuid> = requests
-            .iter()
-            .flat_map(|request| request.lines.iter().map(|line| line.variant_id))
-            .collect();
+        let item_ids = item_ids(requests.iter().copied());
         let mut connection = self.open_connection().await?;
         let result = self
             .attempt_locked(&mut connection, requests, &item_ids)
@@ -677,9 +678,9 @@ fn decide(working: &mut Working, request: &CheckoutRequest) -> Decision {
 }
 
 /// Every item the checkouts reserve from, in id order.
-fn item_ids(jobs: &[Job]) -> BTreeSet<Uuid> {
-    jobs.iter()
-        .flat_map(|job| job.request.lines.iter().map(|line| line.variant_id))
+fn item_ids<'a>(requests: impl Iterator<Item = &'a CheckoutRequest>) -> BTreeSet<Uuid> {
+    requests
+        .flat_map(|request| request.lines.iter().map(|line| line.variant_id))
         .collect()
 }
 
