@@ -49,21 +49,6 @@ pub struct StoredEvent {
     pub recorded_at: DateTime<Utc>,
 }
 
-impl PartialEq for StoredEvent {
-    fn eq(&self, other: &Self) -> bool {
-        self.position == other.position
-            && self.txid == other.txid
-            && self.aggregate_type == other.aggregate_type
-            && self.aggregate_id == other.aggregate_id
-            && self.sequence == other.sequence
-            && self.event_type == other.event_type
-            && self.event_version == other.event_version
-            && self.payload.get() == other.payload.get()
-            && self.metadata.get() == other.metadata.get()
-            && self.recorded_at == other.recorded_at
-    }
-}
-
 impl StoredEvent {
     pub fn global_position(&self) -> GlobalPosition {
         GlobalPosition {
