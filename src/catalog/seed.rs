@@ -24,6 +24,7 @@ use domain::Decider;
 use futures_util::future::join_all;
 use projections::cache::VersionedCache;
 use projections::ProjectionRunner;
+use serde_json::value::RawValue;
 use serde_json::{json, Map, Value};
 use sqlx::PgPool;
 use uuid::Uuid;
@@ -239,7 +240,7 @@ fn capitalised(word: &str) -> String {
 /// Runs the seed: categories, products, then the projections' catch-up.
 pub async fn seed_demo(pool: &PgPool, products: usize) -> anyhow::Result<SeedReport> {
     let store = EventStore::new(pool.clone());
-    let metadata = serde_json::to_value(Metadata::system("seed-demo"))?;
+    let metadata = Metadata::system("seed-demo").to_json()?;
     let mut report = SeedReport::default();
     let started = Instant::now();
 
@@ -265,7 +266,7 @@ pub async fn seed_demo(pool: &PgPool, products: usize) -> anyhow::Result<SeedRep
 /// Creates the demo tree (or finds it); returns each slug's category id.
 async fn seed_categories(
     store: &EventStore,
-    metadata: &Value,
+    metadata: &Arc<RawValue>,
     report: &mut SeedReport,
 ) -> anyhow::Result<HashMap<&'static str, Uuid>> {
     let mut ids: HashMap<&'static str, Uuid> = HashMap::new();
@@ -351,7 +352,7 @@ async fn claim_values(
 /// skipping products that exist already or whose slug or SKU is taken.
 async fn seed_products(
     store: &EventStore,
-    metadata: &Value,
+    metadata: &Arc<RawValue>,
     categories: &HashMap<&'static str, Uuid>,
     plans: Vec<ProductPlan>,
     report: &mut SeedReport,
@@ -453,7 +454,7 @@ fn to_new_events<A: Aggregate>(
     aggregate_id: &str,
     version: i64,
     events: &[A::Event],
-    metadata: &Value,
+    metadata: &Arc<RawValue>,
 ) -> anyhow::Result<Vec<NewEvent>> {
     events
         .iter()
@@ -465,7 +466,7 @@ fn to_new_events<A: Aggregate>(
                 sequence,
                 event_type: event.event_type(),
                 event_version: event.event_version(),
-                payload: serde_json::to_value(event)?,
+                payload: serde_json::value::to_raw_value(event)?,
                 metadata: metadata.clone(),
             })
         })

@@ -100,8 +100,10 @@ impl PersistedEventRepository for EventStore {
                     sequence: i64::try_from(event.sequence).map_err(unknown)?,
                     event_type: event.event_type.clone(),
                     event_version: event.event_version.clone(),
-                    payload: event.payload.clone(),
-                    metadata: event.metadata.clone(),
+                    payload: serde_json::value::to_raw_value(&event.payload).map_err(unknown)?,
+                    metadata: serde_json::value::to_raw_value(&event.metadata)
+                        .map_err(unknown)?
+                        .into(),
                 })
             })
             .collect::<Result<Vec<_>, PersistenceError>>()?;

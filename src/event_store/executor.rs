@@ -21,6 +21,7 @@ use cqrs_es::{Aggregate, DomainEvent};
 use domain::Decider;
 use projections::GlobalPosition;
 use rand::Rng;
+use serde_json::value::RawValue;
 use tokio::sync::{mpsc, oneshot};
 
 use super::repository::{AppendError, EventStore, NewEvent};
@@ -310,14 +311,16 @@ where
                     continue;
                 }
             };
-            let serialized = match serialize_events::<A>(&self.id, &events, version, &job.metadata)
-            {
-                Ok(serialized) => serialized,
-                Err(error) => {
-                    outcomes.push(Err(CommandError::Store(error.to_string())));
-                    continue;
-                }
-            };
+            let serialized =
+                match job.metadata.to_json().and_then(|metadata| {
+                    serialize_events::<A>(&self.id, &events, version, &metadata)
+                }) {
+                    Ok(serialized) => serialized,
+                    Err(error) => {
+                        outcomes.push(Err(CommandError::Store(error.to_string())));
+                        continue;
+                    }
+                };
             if !events.is_empty() {
                 let state = next_state.get_or_insert_with(|| self.state.clone());
                 for event in &events {
@@ -350,9 +353,8 @@ pub fn serialize_events<A: Aggregate>(
     id: &str,
     events: &[A::Event],
     version: i64,
-    metadata: &Metadata,
+    metadata: &Arc<RawValue>,
 ) -> Result<Vec<NewEvent>, serde_json::Error> {
-    let metadata = serde_json::to_value(metadata)?;
     events
         .iter()
         .zip(version + 1..)
@@ -363,7 +365,7 @@ pub fn serialize_events<A: Aggregate>(
                 sequence,
                 event_type: event.event_type(),
                 event_version: event.event_version(),
-                payload: serde_json::to_value(event)?,
+                payload: serde_json::value::to_raw_value(event)?,
                 metadata: metadata.clone(),
             })
         })

@@ -1,6 +1,9 @@
 //! Who caused an event and why, recorded with every event.
 
+use std::sync::Arc;
+
 use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 use uuid::Uuid;
 
 /// The party a command acted for.
@@ -44,6 +47,12 @@ pub struct Metadata {
 }
 
 impl Metadata {
+    /// As stored with events: serialized once and shared by every event of
+    /// a command.
+    pub fn to_json(&self) -> Result<Arc<RawValue>, serde_json::Error> {
+        serde_json::value::to_raw_value(self).map(Arc::from)
+    }
+
     pub fn system(correlation_id: impl Into<String>) -> Self {
         Self {
             actor: Actor::System,

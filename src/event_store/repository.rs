@@ -5,8 +5,11 @@
 //! round trip. Optimistic concurrency is the primary key: a writer that
 //! decided against an old version tries to store a sequence that exists.
 
+use std::sync::Arc;
+
 use projections::{GlobalPosition, StoredEvent};
 use serde::de::DeserializeOwned;
+use serde_json::value::RawValue;
 use sqlx::{PgConnection, PgPool};
 use tokio::sync::watch;
 
@@ -18,8 +21,10 @@ pub struct NewEvent {
     pub sequence: i64,
     pub event_type: String,
     pub event_version: String,
-    pub payload: serde_json::Value,
-    pub metadata: serde_json::Value,
+    /// The event as JSON text, serialized once, straight from its type.
+    pub payload: Box<RawValue>,
+    /// Shared by every event one command caused.
+    pub metadata: Arc<RawValue>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -144,8 +149,8 @@ pub struct EventColumns<'a> {
     sequences: Vec<i64>,
     event_types: Vec<&'a str>,
     event_versions: Vec<&'a str>,
-    payloads: Vec<&'a serde_json::Value>,
-    metadata: Vec<&'a serde_json::Value>,
+    payloads: Vec<&'a str>,
+    metadata: Vec<&'a str>,
 }
 
 impl<'a> EventColumns<'a> {
@@ -155,7 +160,7 @@ impl<'a> EventColumns<'a> {
         "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, \
                              event_version, payload, metadata) \
          SELECT * FROM UNNEST($1::text[], $2::text[], $3::bigint[], $4::text[], \
-                              $5::text[], $6::jsonb[], $7::jsonb[]) \
+                              $5::text[], $6::text[]::json[], $7::text[]::json[]) \
          RETURNING txid, position";
 
     pub fn new(events: &'a [NewEvent]) -> Self {
@@ -165,8 +170,8 @@ impl<'a> EventColumns<'a> {
             sequences: events.iter().map(|e| e.sequence).collect(),
             event_types: events.iter().map(|e| e.event_type.as_str()).collect(),
             event_versions: events.iter().map(|e| e.event_version.as_str()).collect(),
-            payloads: events.iter().map(|e| &e.payload).collect(),
-            metadata: events.iter().map(|e| &e.metadata).collect(),
+            payloads: events.iter().map(|e| e.payload.get()).collect(),
+            metadata: events.iter().map(|e| e.metadata.get()).collect(),
         }
     }
 

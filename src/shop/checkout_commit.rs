@@ -621,8 +621,8 @@ fn decide(working: &mut Working, request: &CheckoutRequest) -> Decision {
     };
 
     let mut events = Vec::new();
-    let metadata = &request.metadata;
     let serialized = (|| -> Result<(), serde_json::Error> {
+        let metadata = &request.metadata.to_json()?;
         for (variant_id, item_events) in &reservations {
             let item = working.items.entry(*variant_id).or_default();
             events.extend(serialize_events::<InventoryItem>(

@@ -105,8 +105,9 @@ fn raw_event(aggregate_id: &str, sequence: i64) -> NewEvent {
         sequence,
         event_type: "Happened".into(),
         event_version: "1".into(),
-        payload: serde_json::json!({ "sequence": sequence }),
-        metadata: serde_json::to_value(metadata()).unwrap(),
+        payload: serde_json::value::to_raw_value(&serde_json::json!({ "sequence": sequence }))
+            .expect("JSON"),
+        metadata: metadata().to_json().expect("JSON"),
     }
 }
 
