@@ -460,8 +460,8 @@ pub(crate) async fn read_events(
     });
     sqlx::query_as::<_, StoredEvent>(
         "SELECT position, txid, aggregate_type, aggregate_id, sequence, event_type, event_version, \
-                CASE WHEN aggregate_type = ANY($6) THEN 'null'::jsonb ELSE payload END AS payload, \
-                CASE WHEN aggregate_type = ANY($6) THEN 'null'::jsonb ELSE metadata END AS metadata, \
+                CASE WHEN aggregate_type = ANY($6) THEN 'null'::json ELSE payload END AS payload, \
+                CASE WHEN aggregate_type = ANY($6) THEN 'null'::json ELSE metadata END AS metadata, \
                 recorded_at \
          FROM events \
          WHERE (txid, position) > ($1, $2) AND (txid, position) <= ($3, $4) \
