@@ -11,6 +11,7 @@ pub mod catalog;
 pub mod cli;
 pub mod config;
 pub mod db;
+pub mod dedicated;
 pub mod event_store;
 pub mod http;
 pub mod payments;

@@ -8,6 +8,7 @@ use std::time::Duration;
 use actix_web::dev::{Server, ServerHandle};
 use actix_web::middleware::from_fn;
 use actix_web::{web, App, HttpServer};
+use anyhow::Context;
 use projections::ProjectionSet;
 use sqlx::postgres::PgListener;
 use tokio::sync::watch;
@@ -69,8 +70,10 @@ impl Application {
             settings: Arc::new(settings),
             pool: pool.clone(),
             inventory: CommandBus::new(store.clone()),
-            checkouts: CheckoutCommitter::start(store.clone(), caches.carts.clone()),
-            idempotency_keys: KeyLedger::start(&pool),
+            checkouts: CheckoutCommitter::start(store.clone(), caches.carts.clone())
+                .context("starting the checkout committer")?,
+            idempotency_keys: KeyLedger::start(&pool)
+                .context("starting the idempotency key writer")?,
             orders: CommandBus::new(store.clone()),
             carts: CommandBus::new(store.clone()),
             products: CommandBus::new(store.clone()),

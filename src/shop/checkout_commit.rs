@@ -10,8 +10,9 @@
 //! transaction. A checkout is all or nothing inside that transaction, so a
 //! short line never holds stock it has to give back.
 //!
-//! The task works on a connection of its own (never queued behind request
-//! handlers for a pooled one), in as few round trips as it can. It holds a
+//! The task runs on a thread of its own ([`crate::dedicated`]) and works on
+//! a connection of its own (never queued behind request handlers for a
+//! pooled one), in as few round trips as it can. It holds a
 //! session advisory lock per item it is selling (taken in item-id order,
 //! holding none, so two sessions never wait on each other in a cycle), and
 //! keeps them from batch to batch while checkouts keep coming, for at most
@@ -120,8 +121,9 @@ pub struct CheckoutCommitter {
 }
 
 impl CheckoutCommitter {
-    /// Starts the committing task on the current runtime.
-    pub fn start(store: EventStore, cached_carts: VersionedCache) -> Self {
+    /// Starts the committing task on a thread of its own (see
+    /// [`crate::dedicated`]).
+    pub fn start(store: EventStore, cached_carts: VersionedCache) -> std::io::Result<Self> {
         let (queue, receiver) = mpsc::channel(8192);
         let worker = Worker {
             connection: None,
@@ -131,8 +133,8 @@ impl CheckoutCommitter {
             carts: HashMap::new(),
             cached_carts,
         };
-        tokio::spawn(worker.run(receiver));
-        Self { queue }
+        crate::dedicated::spawn("checkout-commit", worker.run(receiver))?;
+        Ok(Self { queue })
     }
 
     pub async fn check_out(

@@ -28,7 +28,7 @@ fn claim(user_id: Uuid, key: &str, fingerprint: &[u8], relaxed: bool) -> Claim {
 #[tokio::test]
 async fn a_crowd_of_claims_and_records_each_get_their_own_answer() {
     let app = spawn_app().await;
-    let ledger = KeyLedger::start(&app.pool);
+    let ledger = KeyLedger::start(&app.pool).expect("the key writer starts");
     let user = Uuid::new_v4();
     let shared = "shared-key";
 
@@ -152,7 +152,7 @@ async fn key_table_scans(app: &TestApp) -> (i64, i64) {
 #[tokio::test]
 async fn the_key_writer_reads_keys_by_index_on_a_plan_made_while_the_table_was_empty() {
     let app = spawn_app().await;
-    let ledger = KeyLedger::start(&app.pool);
+    let ledger = KeyLedger::start(&app.pool).expect("the key writer starts");
     let user = Uuid::new_v4();
     // The writer's connection plans its statement once, generically, on
     // the empty table.

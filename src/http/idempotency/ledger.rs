@@ -96,8 +96,9 @@ pub struct LedgerError(String);
 const STOPPED: &str = "the key writer stopped";
 
 impl KeyLedger {
-    /// Starts the writing task on the current runtime, with connections
-    /// of its own to the database `pool` connects to.
+    /// Starts the writing task on a thread of its own (see
+    /// [`crate::dedicated`]), with connections of its own to the database
+    /// `pool` connects to.
     ///
     /// Those connections plan every statement generically: Postgres keeps
     /// making a custom plan for each call while batches are smaller than
@@ -106,7 +107,7 @@ impl KeyLedger {
     /// are small, 1.9 s of planning against 1.2 s of execution in one
     /// sale). One statement is in flight at a time; the second connection
     /// is there for a reconnect.
-    pub fn start(pool: &PgPool) -> Self {
+    pub fn start(pool: &PgPool) -> std::io::Result<Self> {
         let options = pool
             .connect_options()
             .as_ref()
@@ -116,8 +117,8 @@ impl KeyLedger {
             .max_connections(2)
             .connect_lazy_with(options);
         let (queue, receiver) = mpsc::channel(8192);
-        tokio::spawn(run(writer_pool, receiver));
-        Self { queue }
+        crate::dedicated::spawn("idempotency-keys", run(writer_pool, receiver))?;
+        Ok(Self { queue })
     }
 
     pub async fn claim(&self, claim: Claim) -> Result<ClaimResult, LedgerError> {
