@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use chrono::{Duration as ChronoDuration, Utc};
-use cqrs_es::{Aggregate, DomainEvent};
+use cqrs_es::Aggregate;
 use domain::catalog::{
     Category, CategoryCommand, NewVariant, Product, ProductCommand, ProductStatus,
 };
@@ -29,7 +29,7 @@ use serde_json::{json, Map, Value};
 use sqlx::PgPool;
 use uuid::Uuid;
 
-use crate::event_store::{AppendError, EventStore, Metadata, NewEvent};
+use crate::event_store::{serialize_events, AppendError, EventStore, Metadata};
 
 /// How many products are decided and appended per batch.
 const PRODUCTS_PER_BATCH: usize = 2_000;
@@ -302,7 +302,7 @@ async fn seed_categories(
             continue;
         }
         let new_events =
-            to_new_events::<Category>(&wanted.to_string(), version, &events, metadata)?;
+            serialize_events::<Category>(&wanted.to_string(), &events, version, metadata)?;
         store.append(&new_events).await?;
         report.categories_created += 1;
         report.events_appended += new_events.len();
@@ -416,10 +416,10 @@ async fn seed_products(
                 created_at: plan.created_at,
             })
             .map_err(|error| anyhow::anyhow!("seed product refused: {error}"))?;
-        events.extend(to_new_events::<Product>(
+        events.extend(serialize_events::<Product>(
             &plan.product_id.to_string(),
-            0,
             &product_events,
+            0,
             metadata,
         )?);
         for (variant, stock) in &plan.variants {
@@ -430,10 +430,10 @@ async fn seed_products(
                     initial_on_hand: *stock,
                 })
                 .map_err(|error| anyhow::anyhow!("seed stock refused: {error}"))?;
-            events.extend(to_new_events::<InventoryItem>(
+            events.extend(serialize_events::<InventoryItem>(
                 &variant.variant_id.to_string(),
-                0,
                 &item_events,
+                0,
                 metadata,
             )?);
         }
@@ -448,29 +448,6 @@ async fn seed_products(
     }
     report.events_appended += events.len();
     Ok(())
-}
-
-fn to_new_events<A: Aggregate>(
-    aggregate_id: &str,
-    version: i64,
-    events: &[A::Event],
-    metadata: &Arc<RawValue>,
-) -> anyhow::Result<Vec<NewEvent>> {
-    events
-        .iter()
-        .zip(version + 1..)
-        .map(|(event, sequence)| {
-            Ok(NewEvent {
-                aggregate_type: A::TYPE,
-                aggregate_id: aggregate_id.to_owned(),
-                sequence,
-                event_type: event.event_type(),
-                event_version: event.event_version(),
-                payload: serde_json::value::to_raw_value(event)?,
-                metadata: metadata.clone(),
-            })
-        })
-        .collect()
 }
 
 /// Lets every projection apply what is in the store, side by side. The new
