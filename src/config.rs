@@ -40,6 +40,9 @@ pub struct Settings {
     /// deployments (or parallel tests) can share one Redis.
     pub redis_key_prefix: String,
     pub bind_addr: SocketAddr,
+    /// Threads serving HTTP. Several instances on one machine each want
+    /// their share of the cores, not all of them (see the README's bench).
+    pub http_workers: usize,
     pub jwt_secret: SecretString,
     pub access_token_ttl: Duration,
     pub refresh_token_ttl: Duration,
@@ -178,6 +181,7 @@ impl Settings {
                 .get("REDIS_KEY_PREFIX")
                 .unwrap_or_else(|| "commerce:".into()),
             bind_addr: env.parse("BIND_ADDR", SocketAddr::from(([127, 0, 0, 1], 8080)))?,
+            http_workers: env.parse_in_range("HTTP_WORKERS", available_cores(), 1..=1024)?,
             jwt_secret: SecretString::from(jwt_secret),
             access_token_ttl: Duration::from_secs(env.parse("ACCESS_TOKEN_TTL_SECONDS", 900)?),
             refresh_token_ttl: Duration::from_secs(
@@ -244,6 +248,11 @@ impl Settings {
         let name = without_query.rsplit('/').next()?;
         (!name.is_empty() && !name.contains('@')).then(|| name.to_owned())
     }
+}
+
+/// The cores this process may run on; actix-web's own default worker count.
+pub fn available_cores() -> usize {
+    std::thread::available_parallelism().map_or(1, |cores| cores.get())
 }
 
 impl ConfigError {
@@ -328,6 +337,7 @@ mod tests {
         let s = settings(&[]).expect("defaults are valid");
         assert_eq!(s.environment, Environment::Development);
         assert_eq!(s.bind_addr.to_string(), "127.0.0.1:8080");
+        assert_eq!(s.http_workers, available_cores());
         assert_eq!(s.order_hold, Duration::from_secs(900));
         assert_eq!(s.shop_currency.as_str(), "USD");
         assert_eq!(s.payment_provider, PaymentProviderKind::Fake);
@@ -346,6 +356,7 @@ mod tests {
         for (name, value) in [
             ("BIND_ADDR", "not-an-address"),
             ("BCRYPT_COST", "40"),
+            ("HTTP_WORKERS", "0"),
             ("ORDER_HOLD_SECONDS", "-5"),
             ("COOKIE_SECURE", "maybe"),
             ("TRUSTED_PROXIES", "10.0.0.1,nope"),

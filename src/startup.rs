@@ -139,6 +139,7 @@ impl Application {
 }
 
 fn serve(listener: TcpListener, state: web::Data<AppState>) -> anyhow::Result<Server> {
+    let workers = state.settings.http_workers;
     let server = HttpServer::new(move || {
         let rate_limiter = state.rate_limits.middleware();
         App::new()
@@ -163,6 +164,7 @@ fn serve(listener: TcpListener, state: web::Data<AppState>) -> anyhow::Result<Se
             .default_service(web::to(http::not_found))
     })
     .shutdown_timeout(30)
+    .workers(workers)
     .listen(listener)?
     .run();
     Ok(server)
