@@ -13,7 +13,7 @@ use projections::Projection;
 use reqwest::Method;
 use serde_json::{json, Value};
 
-use crate::helpers::{spawn_app, TestApp};
+use crate::helpers::{spawn_app, spawn_app_with, TestApp};
 use crate::shop_support::{
     add_to_cart, checkout, customer_order, fake_pay, instance_with_hold, settle_projections,
     settle_projections_within, stocked_product, wait_for_status, StockedProduct,
@@ -237,7 +237,11 @@ async fn verify_projections_finds_rows_tampered_with_and_a_rebuild_repairs_them(
 /// table while waiting a second for the next failed the reader's query.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_swap_never_makes_a_reader_its_deadlock_victim() {
-    let app = spawn_app().await;
+    // The staging holds two transactions open while the swap retries, and
+    // whatever reaches the catalog meanwhile queues behind the swap's lock
+    // request, each on a pooled connection: once, under CI's load, the
+    // swap's next statement found the usual eight all taken (PoolTimedOut).
+    let app = spawn_app_with(|settings| settings.database_max_connections = 16).await;
     let admin = TestUser::create_admin(&app).await;
     stocked_product(&app, &admin, 1999, 5).await;
     settle_projections(&app).await;
