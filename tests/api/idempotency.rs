@@ -335,3 +335,49 @@ async fn a_refused_checkout_replays_its_refusal_and_places_nothing_after_a_resto
     );
     app.stop().await;
 }
+
+/// Ends the backends of every key writer on the test's database (their
+/// last statement wrote keys); returns how many.
+async fn cut_key_writers(app: &TestApp) -> i64 {
+    sqlx::query_scalar(
+        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
+         WHERE datname = current_database() AND pid <> pg_backend_pid() \
+           AND query LIKE '%INSERT INTO idempotency_keys%'",
+    )
+    .fetch_one(&app.pool)
+    .await
+    .expect("terminate")
+}
+
+#[tokio::test]
+async fn the_key_writer_keeps_answering_when_its_connection_is_cut() {
+    let app = spawn_app().await;
+    let ledger = KeyLedger::start(&app.pool).expect("the key writer starts");
+    let user = Uuid::new_v4();
+    let claim_key = |key: &'static str| ledger.claim(claim(user, key, b"f", true));
+    let first = claim_key("before").await.expect("claim");
+    assert!(matches!(first, ClaimResult::Inserted));
+    assert!(
+        cut_key_writers(&app).await >= 1,
+        "the writer's backend was found"
+    );
+
+    // The writer keeps its connection between statements; after a quiet
+    // spell it checks it before use, so a cut made meanwhile (Postgres
+    // restarted, say) costs nobody an answer.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let after_quiet = claim_key("after-quiet")
+        .await
+        .expect("a claim after a quiet spell is answered");
+    assert!(matches!(after_quiet, ClaimResult::Inserted));
+
+    // Cut with no quiet spell: the next statement may fail, and the one
+    // after it runs on a fresh connection.
+    assert!(cut_key_writers(&app).await >= 1);
+    let _ = claim_key("right-after").await;
+    let recovered = claim_key("recovered")
+        .await
+        .expect("the writer reconnects after a failed statement");
+    assert!(matches!(recovered, ClaimResult::Inserted));
+    app.stop().await;
+}
