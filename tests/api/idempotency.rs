@@ -381,3 +381,64 @@ async fn the_key_writer_keeps_answering_when_its_connection_is_cut() {
     assert!(matches!(recovered, ClaimResult::Inserted));
     app.stop().await;
 }
+
+/// The heap page each of the user's keys is on.
+async fn key_pages(app: &TestApp, user_id: Uuid) -> Vec<(String, i64)> {
+    sqlx::query_as(
+        "SELECT key, (ctid::text::point)[0]::bigint FROM idempotency_keys \
+         WHERE user_id = $1 ORDER BY key",
+    )
+    .bind(user_id)
+    .fetch_all(&app.pool)
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn a_record_stays_on_the_page_of_its_claim() {
+    let app = spawn_app().await;
+    let ledger = KeyLedger::start(&app.pool).expect("the key writer starts");
+    let user = Uuid::new_v4();
+    // Claimed together, as a sale's checkouts are, with keys and
+    // fingerprints of the usual sizes (a uuid, a SHA-256), and then
+    // recorded with a body the size of a checkout's answer. A record that
+    // leaves its page is a new row version in both of the table's indexes.
+    let keys: Vec<String> = (0..120).map(|_| Uuid::new_v4().to_string()).collect();
+    let claims = keys.iter().map(|key| {
+        let ledger = ledger.clone();
+        async move { ledger.claim(claim(user, key, &[7; 32], true)).await }
+    });
+    for claimed in futures_util::future::join_all(claims).await {
+        assert!(matches!(claimed, Ok(ClaimResult::Inserted)), "{claimed:?}");
+    }
+    let claimed_on = key_pages(&app, user).await;
+    let records = keys.iter().map(|key| {
+        let ledger = ledger.clone();
+        async move {
+            let record = Record {
+                key: KeyId {
+                    user_id: user,
+                    key: key.clone(),
+                },
+                status: 201,
+                content_type: Some("application/json".into()),
+                body: vec![b'x'; 700],
+                relaxed: true,
+            };
+            ledger.record(record).await
+        }
+    });
+    for recorded in futures_util::future::join_all(records).await {
+        recorded.expect("record");
+    }
+    let recorded_on = key_pages(&app, user).await;
+    assert_eq!(recorded_on.len(), keys.len());
+    let moved: Vec<&String> = claimed_on
+        .iter()
+        .zip(&recorded_on)
+        .filter(|(claimed, recorded)| claimed != recorded)
+        .map(|(claimed, _)| &claimed.0)
+        .collect();
+    assert!(moved.is_empty(), "records that left their page: {moved:?}");
+    app.stop().await;
+}
