@@ -13,10 +13,13 @@
 //! their line totals); a refund of a payment that was never accepted (it came
 //! after the order ended) takes nothing off, as it never counted.
 //!
-//! An OrderPaid carries neither the lines nor the placement time, so the
-//! projection keeps them per order (`sales_orders`, `sales_order_lines`).
-//! The order's sequence is kept there too and guards every event: a
-//! replayed event is skipped before any counter moves.
+//! An OrderPaid carries neither the lines nor the placement time. The
+//! placement time, the units and what was paid are kept per order
+//! (`sales_orders`), with the order's sequence, which guards every event:
+//! a replayed event is skipped before any counter moves. The lines are
+//! read from the order's `OrderPlaced` in the store when a payment or a
+//! refund needs them, rather than copied for every order placed (a flash
+//! sale places thousands a second and pays for them later).
 
 use std::collections::BTreeMap;
 
@@ -95,12 +98,7 @@ impl Projection for SalesProjection {
     }
 
     fn tables(&self) -> &'static [&'static str] {
-        &[
-            "sales_hourly",
-            "sales_product_hourly",
-            "sales_orders",
-            "sales_order_lines",
-        ]
+        &["sales_hourly", "sales_product_hourly", "sales_orders"]
     }
 
     fn mirrors_rows(&self) -> bool {
@@ -186,7 +184,7 @@ impl Projection for SalesProjection {
     }
 
     async fn reset(&self, tx: &mut PgConnection) -> Result<(), ProjectionError> {
-        sqlx::query("TRUNCATE sales_hourly, sales_product_hourly, sales_orders, sales_order_lines")
+        sqlx::query("TRUNCATE sales_hourly, sales_product_hourly, sales_orders")
             .execute(tx)
             .await?;
         Ok(())
@@ -217,30 +215,6 @@ async fn place(
     if fresh.is_none() {
         return Ok(());
     }
-    let variant_ids: Vec<Uuid> = lines.iter().map(|line| line.variant_id).collect();
-    let product_ids: Vec<Uuid> = lines.iter().map(|line| line.product_id).collect();
-    let names: Vec<&str> = lines
-        .iter()
-        .map(|line| line.product_name.as_str())
-        .collect();
-    let quantities: Vec<i64> = lines.iter().map(|line| i64::from(line.quantity)).collect();
-    let totals: Vec<i64> = lines.iter().map(|line| line.line_total_cents).collect();
-    sqlx::query(
-        "INSERT INTO sales_order_lines (order_id, variant_id, product_id, product_name, quantity, \
-                                        line_total_cents) \
-         SELECT $1, v.variant_id, v.product_id, v.name, v.quantity, v.total \
-         FROM UNNEST($2::uuid[], $3::uuid[], $4::text[], $5::bigint[], $6::bigint[]) \
-              AS v(variant_id, product_id, name, quantity, total) \
-         ON CONFLICT DO NOTHING",
-    )
-    .bind(order_id)
-    .bind(&variant_ids)
-    .bind(&product_ids)
-    .bind(&names)
-    .bind(&quantities)
-    .bind(&totals)
-    .execute(&mut *tx)
-    .await?;
     let hold = HourDelta {
         holds_placed: 1,
         ..HourDelta::default()
@@ -300,21 +274,62 @@ async fn paid(
         &[(paid_at, sale), (order.placed_at, cohort)],
     )
     .await?;
+    let products = order_products(tx, order_id).await?;
     sqlx::query(
         "INSERT INTO sales_product_hourly (currency, bucket_start, product_id, name, units_sold, \
                                            revenue_cents) \
-         SELECT $2, $3, product_id, min(product_name), sum(quantity), sum(line_total_cents) \
-         FROM sales_order_lines WHERE order_id = $1 GROUP BY product_id \
+         SELECT $1, $2, v.product_id, v.name, v.units, v.revenue \
+         FROM UNNEST($3::uuid[], $4::text[], $5::bigint[], $6::bigint[]) \
+              AS v(product_id, name, units, revenue) \
          ON CONFLICT (currency, bucket_start, product_id) DO UPDATE SET name = EXCLUDED.name, \
              units_sold = sales_product_hourly.units_sold + EXCLUDED.units_sold, \
              revenue_cents = sales_product_hourly.revenue_cents + EXCLUDED.revenue_cents",
     )
-    .bind(order_id)
     .bind(&order.currency)
     .bind(hour_start(paid_at))
+    .bind(products.iter().map(|p| p.product_id).collect::<Vec<_>>())
+    .bind(products.iter().map(|p| p.name.as_str()).collect::<Vec<_>>())
+    .bind(products.iter().map(|p| p.units).collect::<Vec<_>>())
+    .bind(products.iter().map(|p| p.revenue_cents).collect::<Vec<_>>())
     .execute(&mut *tx)
     .await?;
     Ok(())
+}
+
+/// The lines of each of these orders, from its `OrderPlaced` in the store
+/// (an order never placed has none).
+pub(super) async fn placed_lines(
+    tx: &mut PgConnection,
+    order_ids: &[Uuid],
+) -> Result<Vec<(Uuid, Vec<OrderLine>)>, ProjectionError> {
+    let ids: Vec<String> = order_ids.iter().map(Uuid::to_string).collect();
+    let events: Vec<StoredEvent> = sqlx::query_as(&format!(
+        "SELECT {} FROM events \
+         WHERE aggregate_type = $1 AND aggregate_id = ANY($2) AND event_type = 'OrderPlaced'",
+        crate::stored_event::STORED_EVENT_COLUMNS
+    ))
+    .bind(<Order as cqrs_es::Aggregate>::TYPE)
+    .bind(&ids)
+    .fetch_all(&mut *tx)
+    .await?;
+    let mut placed = Vec::with_capacity(events.len());
+    for event in &events {
+        if let OrderEvent::OrderPlaced { lines, .. } = event.payload_as()? {
+            placed.push((event.aggregate_uuid()?, lines));
+        }
+    }
+    Ok(placed)
+}
+
+/// The order's lines summed per product.
+async fn order_products(
+    tx: &mut PgConnection,
+    order_id: Uuid,
+) -> Result<Vec<batch::ProductTotal>, ProjectionError> {
+    let Some((_, lines)) = placed_lines(tx, &[order_id]).await?.into_iter().next() else {
+        return Ok(Vec::new());
+    };
+    batch::product_totals(tx, &batch::stored_lines(&lines)).await
 }
 
 async fn refunded(
@@ -342,23 +357,17 @@ async fn refunded(
     };
     add_to_hours(tx, &order.currency, &[(refunded_at, refund)]).await?;
 
-    let products: Vec<(Uuid, String, i64)> = sqlx::query_as(
-        "SELECT product_id, min(product_name), sum(line_total_cents)::bigint \
-         FROM sales_order_lines WHERE order_id = $1 GROUP BY product_id",
-    )
-    .bind(order_id)
-    .fetch_all(&mut *tx)
-    .await?;
+    let products = order_products(tx, order_id).await?;
     let shares = split_in_proportion(
         taken_off,
         &products
             .iter()
-            .map(|(id, _, total)| (*id, *total))
+            .map(|product| (product.product_id, product.revenue_cents))
             .collect::<Vec<_>>(),
     );
     let names: BTreeMap<Uuid, &str> = products
         .iter()
-        .map(|(id, name, _)| (*id, name.as_str()))
+        .map(|product| (product.product_id, product.name.as_str()))
         .collect();
     let product_ids: Vec<Uuid> = shares.iter().map(|(id, _)| *id).collect();
     let product_names: Vec<&str> = product_ids

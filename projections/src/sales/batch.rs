@@ -22,20 +22,21 @@ struct SalesOrder {
     units: i64,
     paid_cents: i64,
     version: i64,
-    /// Its lines summed per product, as `sales_order_lines` gives them.
+    /// Its lines summed per product, from its `OrderPlaced` (loaded only
+    /// for a payment or a refund).
     products: Vec<ProductTotal>,
-    /// Lines to insert: the order was placed in this batch.
-    new_lines: Option<Vec<OrderLine>>,
+    /// No row yet: the order was placed in this batch.
+    new: bool,
     /// The row existed before the batch and the batch changed it.
     changed: bool,
 }
 
-#[derive(Debug, Clone, sqlx::FromRow)]
-struct ProductTotal {
-    product_id: Uuid,
-    name: String,
-    units: i64,
-    revenue_cents: i64,
+#[derive(Debug, Clone)]
+pub(super) struct ProductTotal {
+    pub(super) product_id: Uuid,
+    pub(super) name: String,
+    pub(super) units: i64,
+    pub(super) revenue_cents: i64,
 }
 
 #[derive(Debug, sqlx::FromRow)]
@@ -105,7 +106,18 @@ pub(super) async fn apply_batch(
             Ok((order_id, event, payload))
         })
         .collect::<Result<Vec<_>, ProjectionError>>()?;
-    let mut orders = stored_orders(tx, &decoded).await?;
+    // Only a payment or a refund reads an order's lines.
+    let needs_lines: HashSet<Uuid> = decoded
+        .iter()
+        .filter(|(_, _, payload)| {
+            matches!(
+                payload,
+                OrderEvent::OrderPaid { .. } | OrderEvent::OrderRefunded { .. }
+            )
+        })
+        .map(|(order_id, _, _)| *order_id)
+        .collect();
+    let mut orders = stored_orders(tx, &decoded, &needs_lines).await?;
     let mut sums = Sums::default();
     let mut placed_order: Vec<Uuid> = Vec::new();
     for (order_id, event, payload) in decoded {
@@ -135,8 +147,12 @@ pub(super) async fn apply_batch(
                     units: lines.iter().map(|line| i64::from(line.quantity)).sum(),
                     paid_cents: 0,
                     version: event.sequence,
-                    products: product_totals(tx, &stored_lines(&lines)).await?,
-                    new_lines: Some(lines),
+                    products: if needs_lines.contains(&order_id) {
+                        product_totals(tx, &stored_lines(&lines)).await?
+                    } else {
+                        Vec::new()
+                    },
+                    new: true,
                     changed: false,
                 },
             );
@@ -259,6 +275,7 @@ pub(super) async fn apply_batch(
 async fn stored_orders(
     tx: &mut PgConnection,
     decoded: &[(Uuid, &StoredEvent, OrderEvent)],
+    needs_lines: &HashSet<Uuid>,
 ) -> Result<HashMap<Uuid, SalesOrder>, ProjectionError> {
     let mut seen = HashSet::new();
     let order_ids: Vec<Uuid> = decoded
@@ -273,17 +290,6 @@ async fn stored_orders(
     .bind(&order_ids)
     .fetch_all(&mut *tx)
     .await?;
-    // Only a payment or a refund reads an order's lines.
-    let needs_lines: HashSet<Uuid> = decoded
-        .iter()
-        .filter(|(_, _, payload)| {
-            matches!(
-                payload,
-                OrderEvent::OrderPaid { .. } | OrderEvent::OrderRefunded { .. }
-            )
-        })
-        .map(|(order_id, _, _)| *order_id)
-        .collect();
     let with_lines: Vec<Uuid> = rows
         .iter()
         .map(|row| row.order_id)
@@ -291,22 +297,8 @@ async fn stored_orders(
         .collect();
     let mut products: HashMap<Uuid, Vec<ProductTotal>> = HashMap::new();
     if !with_lines.is_empty() {
-        let totals: Vec<(Uuid, Uuid, String, i64, i64)> = sqlx::query_as(
-            "SELECT order_id, product_id, min(product_name), sum(quantity)::bigint, \
-                    sum(line_total_cents)::bigint \
-             FROM sales_order_lines WHERE order_id = ANY($1) \
-             GROUP BY order_id, product_id ORDER BY order_id, product_id",
-        )
-        .bind(&with_lines)
-        .fetch_all(&mut *tx)
-        .await?;
-        for (order_id, product_id, name, units, revenue_cents) in totals {
-            products.entry(order_id).or_default().push(ProductTotal {
-                product_id,
-                name,
-                units,
-                revenue_cents,
-            });
+        for (order_id, lines) in super::placed_lines(tx, &with_lines).await? {
+            products.insert(order_id, product_totals(tx, &stored_lines(&lines)).await?);
         }
     }
     Ok(rows
@@ -319,7 +311,7 @@ async fn stored_orders(
                 paid_cents: row.paid_cents,
                 version: row.version,
                 products: products.remove(&row.order_id).unwrap_or_default(),
-                new_lines: None,
+                new: false,
                 changed: false,
             };
             (row.order_id, order)
@@ -327,9 +319,10 @@ async fn stored_orders(
         .collect())
 }
 
-/// The lines a placement leaves in `sales_order_lines`: the first of each
-/// variant, as `place`'s insert keeps it.
-fn stored_lines(lines: &[OrderLine]) -> Vec<&OrderLine> {
+/// The lines a placement counts: the first of each variant (orders have
+/// one line per variant; this keeps what a table keyed by order and
+/// variant kept before the lines were read from the store).
+pub(super) fn stored_lines(lines: &[OrderLine]) -> Vec<&OrderLine> {
     let mut variants = HashSet::new();
     lines
         .iter()
@@ -338,7 +331,7 @@ fn stored_lines(lines: &[OrderLine]) -> Vec<&OrderLine> {
 }
 
 /// `lines` summed per product, as `paid` and `refunded` read them back.
-async fn product_totals(
+pub(super) async fn product_totals(
     tx: &mut PgConnection,
     lines: &[&OrderLine],
 ) -> Result<Vec<ProductTotal>, ProjectionError> {
@@ -378,18 +371,15 @@ async fn least_name(tx: &mut PgConnection, names: &[&str]) -> Result<String, Pro
     Ok(least.unwrap_or_default())
 }
 
-/// The orders placed in the batch, as the batch left them, and their lines.
+/// The orders placed in the batch, as the batch left them.
 async fn insert_placed(
     tx: &mut PgConnection,
     placed_order: &[Uuid],
     orders: &HashMap<Uuid, SalesOrder>,
 ) -> Result<(), ProjectionError> {
-    let placed: Vec<(Uuid, &SalesOrder, &Vec<OrderLine>)> = placed_order
+    let placed: Vec<(Uuid, &SalesOrder)> = placed_order
         .iter()
-        .filter_map(|id| {
-            let order = orders.get(id)?;
-            Some((*id, order, order.new_lines.as_ref()?))
-        })
+        .filter_map(|id| Some((*id, orders.get(id).filter(|order| order.new)?)))
         .collect();
     if placed.is_empty() {
         return Ok(());
@@ -400,64 +390,17 @@ async fn insert_placed(
                               $5::bigint[], $6::bigint[]) \
          ON CONFLICT (order_id) DO NOTHING",
     )
-    .bind(placed.iter().map(|(id, _, _)| *id).collect::<Vec<_>>())
+    .bind(placed.iter().map(|(id, _)| *id).collect::<Vec<_>>())
     .bind(
         placed
             .iter()
-            .map(|(_, o, _)| o.currency.as_str())
+            .map(|(_, o)| o.currency.as_str())
             .collect::<Vec<_>>(),
     )
-    .bind(
-        placed
-            .iter()
-            .map(|(_, o, _)| o.placed_at)
-            .collect::<Vec<_>>(),
-    )
-    .bind(placed.iter().map(|(_, o, _)| o.units).collect::<Vec<_>>())
-    .bind(
-        placed
-            .iter()
-            .map(|(_, o, _)| o.paid_cents)
-            .collect::<Vec<_>>(),
-    )
-    .bind(placed.iter().map(|(_, o, _)| o.version).collect::<Vec<_>>())
-    .execute(&mut *tx)
-    .await?;
-    let lines: Vec<(Uuid, &OrderLine)> = placed
-        .iter()
-        .flat_map(|(id, _, lines)| stored_lines(lines).into_iter().map(move |line| (*id, line)))
-        .collect();
-    if lines.is_empty() {
-        return Ok(());
-    }
-    sqlx::query(
-        "INSERT INTO sales_order_lines (order_id, variant_id, product_id, product_name, quantity, \
-                                        line_total_cents) \
-         SELECT * FROM UNNEST($1::uuid[], $2::uuid[], $3::uuid[], $4::text[], $5::bigint[], \
-                              $6::bigint[]) \
-         ON CONFLICT DO NOTHING",
-    )
-    .bind(lines.iter().map(|(id, _)| *id).collect::<Vec<_>>())
-    .bind(lines.iter().map(|(_, l)| l.variant_id).collect::<Vec<_>>())
-    .bind(lines.iter().map(|(_, l)| l.product_id).collect::<Vec<_>>())
-    .bind(
-        lines
-            .iter()
-            .map(|(_, l)| l.product_name.as_str())
-            .collect::<Vec<_>>(),
-    )
-    .bind(
-        lines
-            .iter()
-            .map(|(_, l)| i64::from(l.quantity))
-            .collect::<Vec<_>>(),
-    )
-    .bind(
-        lines
-            .iter()
-            .map(|(_, l)| l.line_total_cents)
-            .collect::<Vec<_>>(),
-    )
+    .bind(placed.iter().map(|(_, o)| o.placed_at).collect::<Vec<_>>())
+    .bind(placed.iter().map(|(_, o)| o.units).collect::<Vec<_>>())
+    .bind(placed.iter().map(|(_, o)| o.paid_cents).collect::<Vec<_>>())
+    .bind(placed.iter().map(|(_, o)| o.version).collect::<Vec<_>>())
     .execute(&mut *tx)
     .await?;
     Ok(())
@@ -470,7 +413,7 @@ async fn update_changed(
 ) -> Result<(), ProjectionError> {
     let changed: Vec<(Uuid, &SalesOrder)> = orders
         .iter()
-        .filter(|(_, order)| order.changed && order.new_lines.is_none())
+        .filter(|(_, order)| order.changed && !order.new)
         .map(|(id, order)| (*id, order))
         .collect();
     if changed.is_empty() {
