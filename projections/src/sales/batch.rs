@@ -379,7 +379,7 @@ async fn insert_placed(
 ) -> Result<(), ProjectionError> {
     let placed: Vec<(Uuid, &SalesOrder)> = placed_order
         .iter()
-        .filter_map(|id| Some((*id, orders.get(id).filter(|order| order.new)?)))
+        .filter_map(|id| Some((*id, orders.get(id)?)))
         .collect();
     if placed.is_empty() {
         return Ok(());
