@@ -640,6 +640,9 @@ fn decide(working: &mut Working, request: &CheckoutRequest) -> Decision {
             0,
             metadata,
         )?);
+        // The cart's event comes after the order's, so it takes a later
+        // position: a buyer's order list waits for the cart's last event
+        // (`shop::orders`), which then covers the order.
         let cart = working.carts.entry(request.user_id).or_default();
         events.extend(serialize_events::<Cart>(
             &request.user_id.to_string(),

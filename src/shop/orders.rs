@@ -4,6 +4,8 @@ use std::collections::HashMap;
 
 use actix_web::{get, web, HttpResponse};
 use chrono::{DateTime, Utc};
+use cqrs_es::Aggregate;
+use domain::cart::Cart;
 use serde::Serialize;
 use sqlx::PgPool;
 use utoipa::ToSchema;
@@ -143,18 +145,16 @@ pub async fn own_order(
 }
 
 /// Waits until the orders read model holds every order the user placed, so
-/// a list read right after a checkout shows it.
+/// a list read right after a checkout shows it. An order is only ever placed
+/// by checking out its buyer's cart, whose `CartCheckedOut` is stored in the
+/// same transaction right after the `OrderPlaced` (`checkout_commit`), so
+/// the cart's last event lies at or past the buyer's last order: one probe
+/// of the events' primary key, no index of its own on every `OrderPlaced`.
 async fn wait_for_placed_orders(state: &AppState, user_id: Uuid) -> Result<(), ApiError> {
-    let last: Option<(i64, i64)> = sqlx::query_as(
-        "SELECT txid, position FROM events \
-         WHERE event_type = 'OrderPlaced' AND payload->'OrderPlaced'->>'user_id' = $1 \
-         ORDER BY position DESC LIMIT 1",
-    )
-    .bind(user_id.to_string())
-    .fetch_optional(&state.pool)
-    .await?;
-    let last = last.map(|(txid, position)| projections::GlobalPosition { txid, position });
-    state.read_your_write(projections::orders::NAME, last).await
+    state
+        .read_aggregate_writes(projections::orders::NAME, Cart::TYPE, &user_id.to_string())
+        .await?;
+    Ok(())
 }
 
 #[derive(Serialize, ToSchema)]

@@ -148,6 +148,21 @@ async fn buyer_with_cart(app: &TestApp, variant_id: Uuid, quantity: i64) -> Test
     buyer
 }
 
+async fn buyers_with_one_unit(app: &TestApp, variant_id: Uuid, count: usize) -> Vec<TestUser> {
+    futures_util::future::join_all((0..count).map(|_| buyer_with_cart(app, variant_id, 1))).await
+}
+
+/// Every buyer checks out at the same moment, each with a key of their own.
+async fn check_out_at_once(app: &TestApp, buyers: &[TestUser]) -> Vec<reqwest::Response> {
+    futures_util::future::join_all(
+        buyers
+            .iter()
+            .enumerate()
+            .map(|(i, buyer)| async move { checkout(app, buyer, &format!("buyer-{i}")).await }),
+    )
+    .await
+}
+
 async fn stripe_app(stripe: &FakeStripe, hold_seconds: u64) -> TestApp {
     let base = stripe.base_url.clone();
     spawn_app_with(move |settings| {
@@ -708,17 +723,8 @@ async fn a_flash_sale_sells_every_unit_once_and_the_events_explain_every_unit() 
     let admin = TestUser::create_admin(&app).await;
     let units = 50;
     let variant = product_with_stock(&app, &admin, units).await;
-    let buyers =
-        futures_util::future::join_all((0..200).map(|_| buyer_with_cart(&app, variant, 1))).await;
-
-    let keys: Vec<String> = (0..buyers.len()).map(|i| format!("sale-{i}")).collect();
-    let responses = futures_util::future::join_all(
-        buyers
-            .iter()
-            .zip(&keys)
-            .map(|(buyer, key)| checkout(&app, buyer, key)),
-    )
-    .await;
+    let buyers = buyers_with_one_unit(&app, variant, 200).await;
+    let responses = check_out_at_once(&app, &buyers).await;
 
     let mut won = Vec::new();
     let mut lost = 0;
@@ -1290,4 +1296,32 @@ async fn a_buyers_order_list_waits_for_the_order_just_placed() {
     let listing = listing.await.unwrap();
     assert_eq!(listing["page"]["total"], 1);
     assert_eq!(listing["items"][0]["id"], order["id"]);
+}
+
+/// The buyer's order list waits for the cart's last event, not for the
+/// order's own (`shop::orders`), which is only right while every order is
+/// stored before its cart's checkout, in the same transaction.
+#[tokio::test]
+async fn every_order_is_stored_before_the_checkout_of_its_buyers_cart() {
+    let app = spawn_app().await;
+    let admin = TestUser::create_admin(&app).await;
+    let variant = product_with_stock(&app, &admin, 40).await;
+    let buyers = buyers_with_one_unit(&app, variant, 40).await;
+    let responses = check_out_at_once(&app, &buyers).await;
+    assert!(responses.iter().all(|r| r.status() == 201));
+
+    let (orders, covered): (i64, i64) = sqlx::query_as(
+        "SELECT count(*), \
+                count(*) FILTER (WHERE c.txid = o.txid AND c.position > o.position \
+                                   AND c.aggregate_id = o.payload->'OrderPlaced'->>'user_id') \
+         FROM events o \
+         LEFT JOIN events c ON c.aggregate_type = 'Cart' AND c.event_type = 'CartCheckedOut' \
+                           AND c.payload->'CartCheckedOut'->>'order_id' = o.aggregate_id \
+         WHERE o.event_type = 'OrderPlaced'",
+    )
+    .fetch_one(&app.pool)
+    .await
+    .unwrap();
+    assert_eq!(orders, 40);
+    assert_eq!(covered, 40, "each order precedes its cart's checkout");
 }
