@@ -52,10 +52,28 @@ pub async fn create_database_if_missing(settings: &Settings) -> anyhow::Result<(
     Ok(())
 }
 
+/// How long a pooled connection may sit unused before it is checked with a
+/// round trip when taken.
+const CHECK_AFTER_IDLE: Duration = Duration::from_secs(1);
+
 pub async fn connect(settings: &Settings) -> anyhow::Result<PgPool> {
     Ok(PgPoolOptions::new()
         .max_connections(settings.database_max_connections)
         .acquire_timeout(Duration::from_secs(5))
+        // sqlx checks every connection taken from the pool with a round
+        // trip; in a sale each projection step paid it. Only a connection
+        // that sat unused for a while is checked now (Postgres may have
+        // restarted meanwhile); one in use a moment ago was just checked
+        // when it went back to the pool.
+        .test_before_acquire(false)
+        .before_acquire(|connection, meta| {
+            Box::pin(async move {
+                if meta.idle_for >= CHECK_AFTER_IDLE {
+                    connection.ping().await?;
+                }
+                Ok(true)
+            })
+        })
         .connect_with(connect_options(settings)?)
         .await?)
 }

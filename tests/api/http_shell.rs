@@ -44,6 +44,32 @@ async fn readyz_is_degraded_but_ready_when_redis_is_unreachable() {
     assert_eq!(body["postgres"]["status"], "up");
 }
 
+/// Pooled connections are checked with a round trip only after a quiet
+/// spell (`db::connect`); one that Postgres dropped meanwhile (a restart,
+/// say) is replaced, not handed to a query.
+#[tokio::test]
+async fn a_pooled_connection_dropped_during_a_quiet_spell_is_replaced() {
+    let app = spawn_app().await;
+    let pool = commerce::db::connect(&app.settings).await.unwrap();
+    let backend: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    let dropped: bool = sqlx::query_scalar("SELECT pg_terminate_backend($1)")
+        .bind(backend)
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+    assert!(dropped);
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+
+    let now_on: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+        .fetch_one(&pool)
+        .await
+        .expect("the dropped connection was replaced");
+    assert_ne!(now_on, backend);
+}
+
 #[tokio::test]
 async fn metrics_are_in_prometheus_text_format() {
     let app = spawn_app().await;
