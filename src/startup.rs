@@ -158,7 +158,7 @@ fn serve(listener: TcpListener, state: web::Data<AppState>) -> anyhow::Result<Se
             .wrap(security::cors(&state.settings.cors_allowed_origins))
             .wrap(from_fn(security::security_headers))
             .wrap(from_fn(middleware::request_id_header))
-            .wrap(TracingLogger::default())
+            .wrap(TracingLogger::<middleware::RequestSpan>::new())
             .configure(http::configure)
             .configure(http::admin::configure)
             .default_service(web::to(http::not_found))

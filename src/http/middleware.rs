@@ -1,14 +1,17 @@
-//! Cross-cutting response concerns: the request id header and HTTP metrics.
+//! Cross-cutting request concerns: the request's tracing span, its id
+//! header and HTTP metrics.
 
 use std::rc::Rc;
 use std::time::Instant;
 
 use actix_web::body::MessageBody;
 use actix_web::dev::{ServiceRequest, ServiceResponse};
-use actix_web::http::header::{HeaderName, HeaderValue};
+use actix_web::http::header::{HeaderName, HeaderValue, USER_AGENT};
 use actix_web::middleware::Next;
 use actix_web::HttpMessage;
-use tracing_actix_web::RequestId;
+use tracing::field::Empty;
+use tracing::Span;
+use tracing_actix_web::{DefaultRootSpanBuilder, RequestId, RootSpanBuilder};
 
 pub const REQUEST_ID_HEADER: HeaderName = HeaderName::from_static("x-request-id");
 
@@ -43,6 +46,45 @@ pub fn route_pattern(request: &ServiceRequest) -> Option<Rc<str>> {
         .extensions_mut()
         .insert(RoutePattern(pattern.clone()));
     pattern
+}
+
+/// tracing-actix-web's root span, with the route pattern looked up once per
+/// request ([`route_pattern`], shared with the metrics) instead of once for
+/// the span and again for the metrics. Its fields are those of the default
+/// span that this service's logs use; the client is the socket peer (the
+/// default's `Forwarded` headers are anyone's to write). Ends as the
+/// default span ends, with the status and any error.
+pub struct RequestSpan;
+
+impl RootSpanBuilder for RequestSpan {
+    fn on_request_start(request: &ServiceRequest) -> Span {
+        let route = route_pattern(request);
+        let request_id = request.extensions().get::<RequestId>().copied();
+        tracing::info_span!(
+            "HTTP request",
+            http.method = %request.method(),
+            http.route = route.as_deref().unwrap_or("default"),
+            http.target = request.uri().path_and_query().map_or("", |p| p.as_str()),
+            http.user_agent = request
+                .headers()
+                .get(USER_AGENT)
+                .and_then(|agent| agent.to_str().ok())
+                .unwrap_or(""),
+            net.peer.ip = request.peer_addr().map(|peer| peer.ip().to_string()),
+            request_id = request_id.map(tracing::field::display),
+            http.status_code = Empty,
+            otel.status_code = Empty,
+            exception.message = Empty,
+            exception.details = Empty,
+        )
+    }
+
+    fn on_request_end<B: MessageBody>(
+        span: Span,
+        outcome: &Result<ServiceResponse<B>, actix_web::Error>,
+    ) {
+        DefaultRootSpanBuilder::on_request_end(span, outcome);
+    }
 }
 
 /// Counts requests by route pattern and status, with latency histograms.
