@@ -25,6 +25,9 @@ const TICKS_PER_SECOND: f64 = 100.0;
 pub struct CpuTimes {
     /// Time no process wanted (`idle` + `iowait`).
     pub idle: u64,
+    /// Time the hypervisor gave to other machines while this one had work
+    /// (`steal`): on a busy host, a run's figures drop with it.
+    pub stolen: u64,
     pub total: u64,
 }
 
@@ -43,6 +46,7 @@ impl CpuTimes {
         let counted = ticks.get(..8)?;
         Some(Self {
             idle: counted[3] + counted[4],
+            stolen: counted[7],
             total: counted.iter().sum(),
         })
     }
@@ -156,6 +160,8 @@ pub struct CpuSplit {
     pub groups: [f64; 4],
     /// Used by processes outside the groups, or by ones that ended.
     pub other: f64,
+    /// Taken by the hypervisor (see [`CpuTimes::stolen`]).
+    pub stolen: f64,
     pub idle: f64,
     /// How many cores the machine has, as its counters tell.
     pub cores: f64,
@@ -218,9 +224,11 @@ impl CpuSamples {
         let groups: [f64; 4] =
             std::array::from_fn(|i| share(last.groups.0[i].saturating_sub(first.groups.0[i])));
         let idle = share(last.machine.idle.saturating_sub(first.machine.idle));
+        let stolen = share(last.machine.stolen.saturating_sub(first.machine.stolen));
         Some(CpuSplit {
             groups,
-            other: (1.0 - idle - groups.iter().sum::<f64>()).max(0.0),
+            other: (1.0 - idle - stolen - groups.iter().sum::<f64>()).max(0.0),
+            stolen,
             idle,
             cores: total as f64 / TICKS_PER_SECOND / covered.as_secs_f64(),
         })
@@ -232,12 +240,13 @@ mod tests {
     use super::*;
 
     #[test]
-    fn parses_the_all_cores_line_counting_iowait_as_idle() {
+    fn parses_the_all_cores_line_counting_iowait_as_idle_and_steal_apart() {
         let stat = "cpu  100 5 50 800 20 3 2 10 7 0\ncpu0 50 2 25 400 10 1 1 5 3 0\n";
         assert_eq!(
             CpuTimes::parse(stat),
             Some(CpuTimes {
                 idle: 820,
+                stolen: 10,
                 total: 990
             })
         );
@@ -261,7 +270,11 @@ mod tests {
     fn the_split_stops_at_the_last_sample_before_the_cut() {
         let at = |ms: u64, idle: u64, total: u64, server: u64, postgres: u64| Sample {
             at: Duration::from_millis(ms),
-            machine: CpuTimes { idle, total },
+            machine: CpuTimes {
+                idle,
+                stolen: total / 100,
+                total,
+            },
             groups: GroupTimes([server, postgres, 0, 0]),
         };
         let samples = CpuSamples(vec![
@@ -273,7 +286,9 @@ mod tests {
         let split = samples.split_until(Duration::from_millis(120)).unwrap();
         assert_eq!(split.idle, 0.15);
         assert_eq!(split.groups, [0.4, 0.4, 0.0, 0.0]);
-        assert!((split.other - 0.05).abs() < 1e-9);
+        // 2 of 200 ticks stolen, the rest of the 5% unclaimed by the groups.
+        assert!((split.stolen - 0.01).abs() < 1e-9);
+        assert!((split.other - 0.04).abs() < 1e-9);
         // 200 ticks in 100 ms: 20 cores.
         assert!((split.cores - 20.0).abs() < 1e-9);
         // 0.4 of 20 cores for 0.1 s over 100 checkouts: 8 ms each.

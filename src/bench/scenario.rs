@@ -851,9 +851,10 @@ fn cpu_lines(split: &CpuSplit, checkout: &Checkout) -> Vec<String> {
         .map(|(group, share)| format!("{} {:.0}%", group.label(), share * 100.0))
         .collect();
     let mut lines = vec![format!(
-        "CPU until the sell-out (/proc, sampled every 50 ms): {}, other {:.0}%, idle {:.0}% of the machine's time",
+        "CPU until the sell-out (/proc, sampled every 50 ms): {}, other {:.0}%, stolen by the hypervisor {:.0}%, idle {:.0}% of the machine's time",
         shares.join(", "),
         split.other * 100.0,
+        split.stolen * 100.0,
         split.idle * 100.0
     )];
     if let Some(micros) = split.micros_per(checkout.successful, checkout.sell_out) {
