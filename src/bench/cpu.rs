@@ -167,6 +167,23 @@ pub struct CpuSplit {
     pub cores: f64,
 }
 
+/// "server 31%, Postgres 41%, ..., idle 10%": each share of the machine's
+/// time, in whole percent.
+impl std::fmt::Display for CpuSplit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (group, share) in Group::ALL.iter().zip(self.groups) {
+            write!(f, "{} {:.0}%, ", group.label(), share * 100.0)?;
+        }
+        write!(
+            f,
+            "other {:.0}%, stolen by the hypervisor {:.0}%, idle {:.0}%",
+            self.other * 100.0,
+            self.stolen * 100.0,
+            self.idle * 100.0
+        )
+    }
+}
+
 impl CpuSplit {
     /// Each group's CPU time per one of `count` things done in `span`
     /// (successful checkouts until the sell-out, say), in microseconds, in
@@ -289,6 +306,11 @@ mod tests {
         // 2 of 200 ticks stolen, the rest of the 5% unclaimed by the groups.
         assert!((split.stolen - 0.01).abs() < 1e-9);
         assert!((split.other - 0.04).abs() < 1e-9);
+        assert_eq!(
+            split.to_string(),
+            "server 40%, Postgres 40%, Redis 0%, bench 0%, other 4%, \
+             stolen by the hypervisor 1%, idle 15%"
+        );
         // 200 ticks in 100 ms: 20 cores.
         assert!((split.cores - 20.0).abs() < 1e-9);
         // 0.4 of 20 cores for 0.1 s over 100 checkouts: 8 ms each.
