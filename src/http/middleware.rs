@@ -48,12 +48,14 @@ pub fn route_pattern(request: &ServiceRequest) -> Option<Rc<str>> {
     pattern
 }
 
-/// tracing-actix-web's root span, with the route pattern looked up once per
-/// request ([`route_pattern`], shared with the metrics) instead of once for
-/// the span and again for the metrics. Its fields are those of the default
-/// span that this service's logs use; the client is the socket peer (the
-/// default's `Forwarded` headers are anyone's to write). Ends as the
-/// default span ends, with the status and any error.
+/// tracing-actix-web's root span, built from the route pattern that access
+/// control, rate limits, idempotency and the metrics share
+/// ([`route_pattern`]): the default span looked it up once more, and read
+/// the connection's `Forwarded` headers, on every request, even with the
+/// span turned off. It keeps the default span's fields that this service
+/// has a use for (method, route, target, user agent, request id, status,
+/// error) and names the socket peer as the client (`Forwarded` headers are
+/// anyone's to write). It ends as the default span ends.
 pub struct RequestSpan;
 
 impl RootSpanBuilder for RequestSpan {
