@@ -118,6 +118,11 @@ fn presented_token(request: &ServiceRequest) -> Option<String> {
                 .then(|| token.trim().to_owned())
         });
     bearer.or_else(|| {
+        // Parsing cookies stores them in the request, even none: most
+        // anonymous requests carry no cookie at all, and skip that.
+        if !request.headers().contains_key(header::COOKIE) {
+            return None;
+        }
         request
             .cookie(ACCESS_TOKEN_COOKIE)
             .map(|c| c.value().to_owned())
@@ -152,9 +157,11 @@ pub async fn enforce_access(
             request.extensions_mut().insert(user);
         }
         // Public routes may show a signed-in caller more (an admin sees more
-        // stock detail); a bad token there is ignored, not refused.
+        // stock detail); a bad token there is ignored, not refused, and a
+        // caller who shows none costs no refusal built and thrown away.
         Access::Public => {
-            if let Ok(user) = authenticate(&request) {
+            let user = presented_token(&request).and_then(|token| user_of(&request, &token).ok());
+            if let Some(user) = user {
                 request.extensions_mut().insert(user);
             }
         }
@@ -166,10 +173,15 @@ pub async fn enforce_access(
 fn authenticate(request: &ServiceRequest) -> Result<AuthUser, ApiError> {
     let token =
         presented_token(request).ok_or_else(|| ApiError::Unauthorized("sign in first".into()))?;
+    user_of(request, &token)
+}
+
+/// The user an access token names, if it is valid now.
+fn user_of(request: &ServiceRequest, token: &str) -> Result<AuthUser, ApiError> {
     let state = request
         .app_data::<web::Data<AppState>>()
         .ok_or_else(|| ApiError::internal(anyhow::anyhow!("application state missing")))?;
-    let claims = state.tokens.verify(&token).map_err(|error| match error {
+    let claims = state.tokens.verify(token).map_err(|error| match error {
         TokenError::Expired => ApiError::Unauthorized("the access token has expired".into()),
         _ => ApiError::Unauthorized("the access token is not valid".into()),
     })?;
