@@ -144,6 +144,7 @@ fn serve(listener: TcpListener, state: web::Data<AppState>) -> anyhow::Result<Se
         let rate_limiter = state.rate_limits.middleware();
         App::new()
             .app_data(web::Data::new(state.for_worker()))
+            .app_data(middleware::StaticRoutes::default())
             .app_data(extract::path_config())
             .app_data(web::JsonConfig::default().limit(extract::DEFAULT_BODY_LIMIT))
             .app_data(web::PayloadConfig::default().limit(extract::DEFAULT_BODY_LIMIT))

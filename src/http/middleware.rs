@@ -1,6 +1,8 @@
 //! Cross-cutting request concerns: the request's tracing span, its id
 //! header and HTTP metrics.
 
+use std::cell::RefCell;
+use std::collections::HashSet;
 use std::rc::Rc;
 use std::time::Instant;
 
@@ -33,15 +35,41 @@ pub async fn request_id_header(
 #[derive(Clone)]
 struct RoutePattern(Option<Rc<str>>);
 
+/// The paths of one app's static routes (a pattern without parameters),
+/// learnt from the route table's answers: a request to one of them needs
+/// no walk of the table. The walk tries the routes in order, running a
+/// regular expression for each one with parameters, and every route before
+/// the one that matches. Only a path that is its own pattern is kept, so
+/// the set cannot grow past the number of static routes, whatever paths
+/// clients send. One per app, and so per HTTP worker thread: the table
+/// never changes once the app is built.
+#[derive(Default)]
+pub struct StaticRoutes(RefCell<HashSet<Rc<str>>>);
+
 /// The pattern of the route the request will take, if any. Several
 /// middlewares need it and each lookup walks the route table, so the first
-/// answer is kept in the request's extensions for the others.
+/// answer is kept in the request's extensions for the others, and a static
+/// route's in the app's [`StaticRoutes`] for later requests.
 pub fn route_pattern(request: &ServiceRequest) -> Option<Rc<str>> {
     let known = request.extensions().get::<RoutePattern>().cloned();
     if let Some(RoutePattern(pattern)) = known {
         return pattern;
     }
-    let pattern: Option<Rc<str>> = request.match_pattern().map(Rc::from);
+    let static_routes = request.app_data::<StaticRoutes>();
+    let remembered =
+        static_routes.and_then(|routes| routes.0.borrow().get(request.path()).cloned());
+    let pattern = match remembered {
+        Some(pattern) => Some(pattern),
+        None => {
+            let pattern: Option<Rc<str>> = request.match_pattern().map(Rc::from);
+            if let (Some(routes), Some(pattern)) = (static_routes, &pattern) {
+                if **pattern == *request.path() {
+                    routes.0.borrow_mut().insert(pattern.clone());
+                }
+            }
+            pattern
+        }
+    };
     request
         .extensions_mut()
         .insert(RoutePattern(pattern.clone()));
@@ -118,4 +146,89 @@ pub fn request_id_of(request: &actix_web::HttpRequest) -> String {
         .get::<RequestId>()
         .map(|id| id.to_string())
         .unwrap_or_else(|| uuid::Uuid::new_v4().to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use actix_web::http::StatusCode;
+    use actix_web::middleware::from_fn;
+    use actix_web::{test, web, App, HttpResponse};
+
+    use super::*;
+
+    /// Answers with the pattern `route_pattern` found, in a header; for
+    /// `/remembered`, followed by the static routes the app has learnt.
+    async fn show_pattern(
+        request: ServiceRequest,
+        next: Next<impl MessageBody>,
+    ) -> Result<ServiceResponse<impl MessageBody>, actix_web::Error> {
+        let mut pattern =
+            route_pattern(&request).map_or_else(|| "none".to_owned(), |p| p.to_string());
+        if request.path() == "/remembered" {
+            let routes = request
+                .app_data::<StaticRoutes>()
+                .expect("the app has a set");
+            let mut remembered: Vec<String> =
+                routes.0.borrow().iter().map(|p| p.to_string()).collect();
+            remembered.sort();
+            pattern = format!("{pattern} {}", remembered.join(" "));
+        }
+        let mut response = next.call(request).await?;
+        let value = HeaderValue::from_str(&pattern).expect("patterns are header-safe");
+        response
+            .headers_mut()
+            .insert(HeaderName::from_static("x-pattern"), value);
+        Ok(response)
+    }
+
+    #[actix_web::test]
+    async fn static_routes_are_remembered_and_nothing_else() {
+        let app = test::init_service(
+            App::new()
+                .app_data(StaticRoutes::default())
+                .wrap(from_fn(show_pattern))
+                // A parameter route first: it must still win for the paths
+                // it matches, and a static path must not be taken for it.
+                .route("/items/{id}", web::get().to(HttpResponse::Ok))
+                .route("/items/new", web::get().to(HttpResponse::Ok))
+                .route("/healthz", web::get().to(HttpResponse::Ok))
+                .default_service(web::to(HttpResponse::NotFound)),
+        )
+        .await;
+        let pattern_of = |path: &'static str| {
+            let app = &app;
+            async move {
+                let response =
+                    test::call_service(app, test::TestRequest::get().uri(path).to_request()).await;
+                let status = response.status();
+                let pattern = response
+                    .headers()
+                    .get("x-pattern")
+                    .and_then(|value| value.to_str().ok())
+                    .expect("every answer names its pattern")
+                    .to_owned();
+                (status, pattern)
+            }
+        };
+        for _ in 0..2 {
+            assert_eq!(
+                pattern_of("/healthz").await,
+                (StatusCode::OK, "/healthz".into())
+            );
+            assert_eq!(
+                pattern_of("/items/7").await,
+                (StatusCode::OK, "/items/{id}".into())
+            );
+            assert_eq!(
+                pattern_of("/items/new").await,
+                (StatusCode::OK, "/items/{id}".into())
+            );
+            assert_eq!(
+                pattern_of("/nowhere").await,
+                (StatusCode::NOT_FOUND, "none".into())
+            );
+        }
+        let (_, remembered) = pattern_of("/remembered").await;
+        assert_eq!(remembered, "none /healthz");
+    }
 }
