@@ -223,7 +223,22 @@ async fn write_folds(
         .map(|(id, _, _)| *id)
         .collect();
     if !cleared.is_empty() {
-        sqlx::query("DELETE FROM cart_lines WHERE user_id = ANY($1)")
+        // `WHERE user_id = ANY($1)` was planned as a scan of every line
+        // while the table held tens of thousands (Postgres prices hashing
+        // each row against the array below probing the key once per cart),
+        // and a flash sale clears a hundred carts a step: three to four
+        // times the probes' cost. The lateral subquery, which `OFFSET 0`
+        // keeps from being flattened into a join, probes the primary key
+        // once per cart whatever the statistics say, and the delete takes
+        // the lines it found by their row ids. Only this projection's
+        // steps, under its lock, write these rows, so none moves between
+        // the two.
+        sqlx::query(
+            "DELETE FROM cart_lines WHERE ctid = ANY (ARRAY( \
+                 SELECT line.ctid FROM UNNEST($1::uuid[]) AS cleared(user_id) \
+                 CROSS JOIN LATERAL (SELECT ctid FROM cart_lines \
+                                     WHERE cart_lines.user_id = cleared.user_id OFFSET 0) AS line))",
+        )
             .bind(&cleared)
             .execute(&mut *tx)
             .await?;
