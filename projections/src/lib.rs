@@ -13,6 +13,7 @@ pub mod catalog;
 pub mod catalog_queries;
 mod feed;
 mod leadership;
+mod order_batch;
 pub mod orders;
 pub mod rebuild;
 pub mod runner;

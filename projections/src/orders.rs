@@ -13,6 +13,7 @@ use domain::order::{Order, OrderEvent, OrderLine};
 use sqlx::PgConnection;
 use uuid::Uuid;
 
+use crate::order_batch;
 use crate::runner::{Projection, ProjectionError};
 use crate::stored_event::StoredEvent;
 
@@ -174,21 +175,8 @@ impl Projection for OrdersProjection {
         tx: &mut PgConnection,
         events: &[StoredEvent],
     ) -> Result<(), ProjectionError> {
-        let decoded = events
-            .iter()
-            .map(|event| {
-                let order_id = event.aggregate_uuid()?;
-                let payload: OrderEvent = event.payload_as()?;
-                Ok((order_id, event, payload))
-            })
-            .collect::<Result<Vec<_>, ProjectionError>>()?;
-        let mut seen = HashSet::new();
-        let changed_ids: Vec<Uuid> = decoded
-            .iter()
-            .filter(|(_, _, payload)| !matches!(payload, OrderEvent::OrderPlaced { .. }))
-            .map(|(order_id, _, _)| *order_id)
-            .filter(|order_id| seen.insert(*order_id))
-            .collect();
+        let decoded = order_batch::decode(events)?;
+        let changed_ids = order_batch::changed_after_placement(&decoded);
         let mut orders: HashMap<Uuid, OrderRow> = HashMap::new();
         if !changed_ids.is_empty() {
             let existing: Vec<OrderRow> = sqlx::query_as(

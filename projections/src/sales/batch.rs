@@ -11,6 +11,7 @@ use sqlx::PgConnection;
 use uuid::Uuid;
 
 use super::{hour_start, split_in_proportion, HourDelta};
+use crate::order_batch::{self, DecodedOrderEvent};
 use crate::runner::ProjectionError;
 use crate::stored_event::StoredEvent;
 
@@ -25,7 +26,9 @@ struct SalesOrder {
     /// Its lines summed per product, from its `OrderPlaced` (loaded only
     /// for a payment or a refund).
     products: Vec<ProductTotal>,
-    /// No row yet: the order was placed in this batch.
+    /// Placed in this batch and not found by `stored_orders`: either it
+    /// has no row yet, or only its placement is in the batch and was not
+    /// read for (its insert then skips the row, and counts nothing).
     new: bool,
     /// The row existed before the batch and the batch changed it.
     changed: bool,
@@ -98,14 +101,7 @@ pub(super) async fn apply_batch(
     tx: &mut PgConnection,
     events: &[StoredEvent],
 ) -> Result<(), ProjectionError> {
-    let decoded = events
-        .iter()
-        .map(|event| {
-            let order_id: Uuid = event.aggregate_uuid()?;
-            let payload: OrderEvent = event.payload_as()?;
-            Ok((order_id, event, payload))
-        })
-        .collect::<Result<Vec<_>, ProjectionError>>()?;
+    let decoded = order_batch::decode(events)?;
     // Only a payment or a refund reads an order's lines.
     let needs_lines: HashSet<Uuid> = decoded
         .iter()
@@ -282,16 +278,10 @@ pub(super) async fn apply_batch(
 /// placements, and reading their rows first cost an index probe each.
 async fn stored_orders(
     tx: &mut PgConnection,
-    decoded: &[(Uuid, &StoredEvent, OrderEvent)],
+    decoded: &[DecodedOrderEvent<'_>],
     needs_lines: &HashSet<Uuid>,
 ) -> Result<HashMap<Uuid, SalesOrder>, ProjectionError> {
-    let mut seen = HashSet::new();
-    let order_ids: Vec<Uuid> = decoded
-        .iter()
-        .filter(|(_, _, payload)| !matches!(payload, OrderEvent::OrderPlaced { .. }))
-        .map(|(order_id, _, _)| *order_id)
-        .filter(|order_id| seen.insert(*order_id))
-        .collect();
+    let order_ids = order_batch::changed_after_placement(decoded);
     if order_ids.is_empty() {
         return Ok(HashMap::new());
     }
