@@ -75,12 +75,12 @@ pub struct EventsPage {
 /// The global order is the one projections read in: `(txid, position)`,
 /// only up to the oldest transaction still running. Paging with
 /// `after=<position>` therefore never skips an event that committed late.
-#[utoipa::path(tag = "audit", params(EventsQuery), security(("bearer" = []), ("cookie" = [])), responses(
+#[utoipa::path(context_path = SCOPE, tag = "audit", params(EventsQuery), security(("bearer" = []), ("cookie" = [])), responses(
     (status = 200, body = EventsPage),
     (status = 400, body = crate::http::problem::Problem), (status = 401, body = crate::http::problem::Problem),
     (status = 403, body = crate::http::problem::Problem), (status = 404, body = crate::http::problem::Problem),
 ))]
-#[get("/api/v1/audit/events")]
+#[get("/events")]
 pub async fn audit_events(
     state: web::Data<AppState>,
     query: Query<EventsQuery>,
@@ -167,13 +167,13 @@ pub struct InventoryAtTime {
 }
 
 /// A variant's stock as it stood at `at`, rebuilt by folding its events.
-#[utoipa::path(tag = "audit", params(("variant_id" = Uuid, Path), AtQuery),
+#[utoipa::path(context_path = SCOPE, tag = "audit", params(("variant_id" = Uuid, Path), AtQuery),
     security(("bearer" = []), ("cookie" = [])), responses(
     (status = 200, body = InventoryAtTime),
     (status = 400, body = crate::http::problem::Problem), (status = 401, body = crate::http::problem::Problem),
     (status = 403, body = crate::http::problem::Problem), (status = 404, body = crate::http::problem::Problem),
 ))]
-#[get("/api/v1/audit/inventory/{variant_id}")]
+#[get("/inventory/{variant_id}")]
 pub async fn inventory_at(
     state: web::Data<AppState>,
     variant_id: web::Path<Uuid>,
@@ -231,13 +231,13 @@ fn wire_name(value: &impl Serialize) -> Option<String> {
 }
 
 /// An order's full event history and its current state.
-#[utoipa::path(tag = "audit", params(("order_id" = Uuid, Path)), security(("bearer" = []), ("cookie" = [])),
+#[utoipa::path(context_path = SCOPE, tag = "audit", params(("order_id" = Uuid, Path)), security(("bearer" = []), ("cookie" = [])),
     responses(
     (status = 200, body = OrderHistory),
     (status = 400, body = crate::http::problem::Problem), (status = 401, body = crate::http::problem::Problem),
     (status = 403, body = crate::http::problem::Problem), (status = 404, body = crate::http::problem::Problem),
 ))]
-#[get("/api/v1/audit/orders/{order_id}")]
+#[get("/orders/{order_id}")]
 pub async fn order_history(
     state: web::Data<AppState>,
     order_id: web::Path<Uuid>,
@@ -268,9 +268,16 @@ pub async fn order_history(
     }))
 }
 
+/// The path every route of the audit starts with: they are registered as one
+/// scope (see [`crate::http::configure`]), and the OpenAPI document adds it
+/// to the paths the route attributes give.
+const SCOPE: &str = "/api/v1/audit";
+
 pub fn configure(config: &mut web::ServiceConfig) {
-    config
-        .service(audit_events)
-        .service(inventory_at)
-        .service(order_history);
+    config.service(
+        web::scope(SCOPE)
+            .service(audit_events)
+            .service(inventory_at)
+            .service(order_history),
+    );
 }

@@ -43,17 +43,17 @@ pub struct UpdateCategoryRequest {
 const TREE_MOVE_LOCK: i64 = 0x6361_745f_7472_6565; // "cat_tree"
 
 /// The whole category tree.
-#[utoipa::path(tag = "categories", responses((status = 200, body = Vec<CategoryNode>)))]
-#[get("/api/v1/categories/tree")]
+#[utoipa::path(context_path = SCOPE, tag = "categories", responses((status = 200, body = Vec<CategoryNode>)))]
+#[get("/tree")]
 pub async fn category_tree(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
     Ok(HttpResponse::Ok().json(catalog_queries::category_tree(&state.pool).await?))
 }
 
 /// A category with its parent, its path from the root and its children.
-#[utoipa::path(tag = "categories", params(("slug" = String, Path)), responses(
+#[utoipa::path(context_path = SCOPE, tag = "categories", params(("slug" = String, Path)), responses(
     (status = 200, body = CategoryPage), (status = 404, body = crate::http::problem::Problem),
 ))]
-#[get("/api/v1/categories/slug/{slug}")]
+#[get("/slug/{slug}")]
 pub async fn category_by_slug(
     state: web::Data<AppState>,
     slug: web::Path<String>,
@@ -65,7 +65,7 @@ pub async fn category_by_slug(
 }
 
 /// Adds a category at the root or under a parent.
-#[utoipa::path(tag = "categories", request_body = CreateCategoryRequest,
+#[utoipa::path(context_path = SCOPE, tag = "categories", request_body = CreateCategoryRequest,
     security(("bearer" = []), ("cookie" = [])), responses(
     (status = 201, body = CategoryPage),
     (status = 400, body = crate::http::problem::Problem), (status = 401, body = crate::http::problem::Problem),
@@ -73,7 +73,7 @@ pub async fn category_by_slug(
     (status = 409, body = crate::http::problem::Problem, description = "slug taken"),
     (status = 422, body = crate::http::problem::Problem),
 ))]
-#[post("/api/v1/categories/create-category")]
+#[post("/create-category")]
 pub async fn create_category(
     state: web::Data<AppState>,
     request: HttpRequest,
@@ -144,7 +144,7 @@ pub async fn create_category(
 
 /// Renames a category, gives it a new slug, or moves it (never under itself
 /// or one of its descendants: 409).
-#[utoipa::path(tag = "categories", request_body = UpdateCategoryRequest, params(("id" = Uuid, Path)),
+#[utoipa::path(context_path = SCOPE, tag = "categories", request_body = UpdateCategoryRequest, params(("id" = Uuid, Path)),
     security(("bearer" = []), ("cookie" = [])), responses(
     (status = 200, body = CategoryPage),
     (status = 400, body = crate::http::problem::Problem), (status = 401, body = crate::http::problem::Problem),
@@ -152,7 +152,7 @@ pub async fn create_category(
     (status = 409, body = crate::http::problem::Problem, description = "slug taken, or the move would make a cycle"),
     (status = 422, body = crate::http::problem::Problem),
 ))]
-#[put("/api/v1/categories/update-category/{id}")]
+#[put("/update-category/{id}")]
 pub async fn update_category(
     state: web::Data<AppState>,
     request: HttpRequest,
@@ -244,10 +244,17 @@ async fn category_page(state: &AppState, category_id: Uuid) -> Result<CategoryPa
         })
 }
 
+/// The path every route of the categories starts with: they are registered as one
+/// scope (see [`crate::http::configure`]), and the OpenAPI document adds it
+/// to the paths the route attributes give.
+const SCOPE: &str = "/api/v1/categories";
+
 pub fn configure(config: &mut web::ServiceConfig) {
-    config
-        .service(category_tree)
-        .service(category_by_slug)
-        .service(create_category)
-        .service(update_category);
+    config.service(
+        web::scope(SCOPE)
+            .service(category_tree)
+            .service(category_by_slug)
+            .service(create_category)
+            .service(update_category),
+    );
 }

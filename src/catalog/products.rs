@@ -425,13 +425,13 @@ fn check_listing(
 // ------------------------------------------------------------- handlers
 
 /// Public products, filtered, searched, sorted and paged.
-#[utoipa::path(tag = "catalog", params(ProductListQuery), responses(
+#[utoipa::path(context_path = SCOPE, tag = "catalog", params(ProductListQuery), responses(
     (status = 200, body = ProductListing),
     (status = 400, body = crate::http::problem::Problem, description = "bad paging or unknown sort"),
     (status = 404, body = crate::http::problem::Problem, description = "unknown category"),
     (status = 422, body = crate::http::problem::Problem, description = "bad price range"),
 ))]
-#[get("/api/v1/products/get-products")]
+#[get("/get-products")]
 pub async fn get_products(
     state: web::Data<AppState>,
     query: Query<ProductListQuery>,
@@ -454,11 +454,11 @@ pub async fn get_products(
 }
 
 /// A product page with each variant's public stock. Drafts only for admins.
-#[utoipa::path(tag = "catalog", params(("slug" = String, Path)), responses(
+#[utoipa::path(context_path = SCOPE, tag = "catalog", params(("slug" = String, Path)), responses(
     (status = 200, body = ProductDetail),
     (status = 404, body = crate::http::problem::Problem),
 ))]
-#[get("/api/v1/products/get-product/{slug}")]
+#[get("/get-product/{slug}")]
 pub async fn get_product(
     state: web::Data<AppState>,
     user: Option<AuthUser>,
@@ -475,7 +475,7 @@ pub async fn get_product(
 }
 
 /// Adds a product with its variants (each gets its stock tracked).
-#[utoipa::path(tag = "catalog", request_body = CreateProductRequest,
+#[utoipa::path(context_path = SCOPE, tag = "catalog", request_body = CreateProductRequest,
     security(("bearer" = []), ("cookie" = [])), responses(
     (status = 201, body = ProductDetail),
     (status = 400, body = crate::http::problem::Problem), (status = 401, body = crate::http::problem::Problem),
@@ -483,7 +483,7 @@ pub async fn get_product(
     (status = 409, body = crate::http::problem::Problem, description = "slug or SKU taken"),
     (status = 422, body = crate::http::problem::Problem),
 ))]
-#[post("/api/v1/products/create-product")]
+#[post("/create-product")]
 pub async fn create_product(
     state: web::Data<AppState>,
     request: HttpRequest,
@@ -560,7 +560,7 @@ pub async fn create_product(
 }
 
 /// Changes any subset of a product; new variants get their stock tracked.
-#[utoipa::path(tag = "catalog", request_body = UpdateProductRequest, params(("product_id" = Uuid, Path)),
+#[utoipa::path(context_path = SCOPE, tag = "catalog", request_body = UpdateProductRequest, params(("product_id" = Uuid, Path)),
     security(("bearer" = []), ("cookie" = [])), responses(
     (status = 200, body = ProductDetail),
     (status = 400, body = crate::http::problem::Problem), (status = 401, body = crate::http::problem::Problem),
@@ -568,7 +568,7 @@ pub async fn create_product(
     (status = 409, body = crate::http::problem::Problem, description = "slug or SKU taken"),
     (status = 422, body = crate::http::problem::Problem),
 ))]
-#[put("/api/v1/products/update-product/{product_id}")]
+#[put("/update-product/{product_id}")]
 pub async fn update_product(
     state: web::Data<AppState>,
     request: HttpRequest,
@@ -634,13 +634,13 @@ pub async fn update_product(
 }
 
 /// Takes a product out of the catalog; its history stays in the event store.
-#[utoipa::path(tag = "catalog", params(("product_id" = Uuid, Path)),
+#[utoipa::path(context_path = SCOPE, tag = "catalog", params(("product_id" = Uuid, Path)),
     security(("bearer" = []), ("cookie" = [])), responses(
     (status = 204, description = "deleted"),
     (status = 400, body = crate::http::problem::Problem), (status = 401, body = crate::http::problem::Problem),
     (status = 403, body = crate::http::problem::Problem), (status = 404, body = crate::http::problem::Problem),
 ))]
-#[delete("/api/v1/products/delete-product/{product_id}")]
+#[delete("/delete-product/{product_id}")]
 pub async fn delete_product(
     state: web::Data<AppState>,
     request: HttpRequest,
@@ -820,11 +820,18 @@ async fn finish_write(
     Ok(())
 }
 
+/// The path every route of the catalog's products starts with: they are registered as one
+/// scope (see [`crate::http::configure`]), and the OpenAPI document adds it
+/// to the paths the route attributes give.
+const SCOPE: &str = "/api/v1/products";
+
 pub fn configure(config: &mut web::ServiceConfig) {
-    config
-        .service(get_products)
-        .service(get_product)
-        .service(create_product)
-        .service(update_product)
-        .service(delete_product);
+    config.service(
+        web::scope(SCOPE)
+            .service(get_products)
+            .service(get_product)
+            .service(create_product)
+            .service(update_product)
+            .service(delete_product),
+    );
 }

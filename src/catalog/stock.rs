@@ -96,14 +96,14 @@ pub struct SyncReport {
 }
 
 /// Units arrived for a variant.
-#[utoipa::path(tag = "stock", request_body = AddStockRequest, security(("bearer" = []), ("cookie" = [])),
+#[utoipa::path(context_path = SCOPE, tag = "stock", request_body = AddStockRequest, security(("bearer" = []), ("cookie" = [])),
     responses(
     (status = 200, body = StockLevel),
     (status = 400, body = crate::http::problem::Problem), (status = 401, body = crate::http::problem::Problem),
     (status = 403, body = crate::http::problem::Problem), (status = 404, body = crate::http::problem::Problem),
     (status = 409, body = crate::http::problem::Problem), (status = 422, body = crate::http::problem::Problem),
 ))]
-#[post("/api/v1/stock/add-stock")]
+#[post("/add-stock")]
 pub async fn add_stock(
     state: web::Data<AppState>,
     request: HttpRequest,
@@ -133,7 +133,7 @@ pub async fn add_stock(
 }
 
 /// Sets a variant's physical count (never below what orders hold).
-#[utoipa::path(tag = "stock", request_body = UpdateStockRequest, security(("bearer" = []), ("cookie" = [])),
+#[utoipa::path(context_path = SCOPE, tag = "stock", request_body = UpdateStockRequest, security(("bearer" = []), ("cookie" = [])),
     responses(
     (status = 200, body = StockLevel),
     (status = 400, body = crate::http::problem::Problem), (status = 401, body = crate::http::problem::Problem),
@@ -141,7 +141,7 @@ pub async fn add_stock(
     (status = 409, body = crate::http::problem::Problem, description = "below what is reserved"),
     (status = 422, body = crate::http::problem::Problem),
 ))]
-#[post("/api/v1/stock/update-stock")]
+#[post("/update-stock")]
 pub async fn update_stock(
     state: web::Data<AppState>,
     request: HttpRequest,
@@ -177,13 +177,13 @@ pub async fn update_stock(
 
 /// Recomputes `reserved` from each variant's live reservations (its
 /// `InventoryItem` events) and repairs the read model where it disagrees.
-#[utoipa::path(tag = "stock", request_body = SyncReservedRequest, security(("bearer" = []), ("cookie" = [])),
+#[utoipa::path(context_path = SCOPE, tag = "stock", request_body = SyncReservedRequest, security(("bearer" = []), ("cookie" = [])),
     responses(
     (status = 200, body = SyncReport),
     (status = 400, body = crate::http::problem::Problem), (status = 401, body = crate::http::problem::Problem),
     (status = 403, body = crate::http::problem::Problem), (status = 404, body = crate::http::problem::Problem),
 ))]
-#[post("/api/v1/stock/sync-reserved-stock")]
+#[post("/sync-reserved-stock")]
 pub async fn sync_reserved_stock(
     state: web::Data<AppState>,
     body: Json<SyncReservedRequest>,
@@ -344,11 +344,11 @@ async fn repair(
 }
 
 /// A variant's stock; admins also see `on_hand` and `reserved`.
-#[utoipa::path(tag = "stock", params(("variant_id" = Uuid, Path)), responses(
+#[utoipa::path(context_path = SCOPE, tag = "stock", params(("variant_id" = Uuid, Path)), responses(
     (status = 200, body = StockLevel),
     (status = 400, body = crate::http::problem::Problem), (status = 404, body = crate::http::problem::Problem),
 ))]
-#[get("/api/v1/stock/get-stock-level/{variant_id}")]
+#[get("/get-stock-level/{variant_id}")]
 pub async fn get_stock_level(
     state: web::Data<AppState>,
     user: Option<AuthUser>,
@@ -382,10 +382,17 @@ async fn answer_after_write(
     Ok(HttpResponse::Ok().json(StockLevel::of(variant_id, entry, Viewer::Admin)))
 }
 
+/// The path every route of stock starts with: they are registered as one
+/// scope (see [`crate::http::configure`]), and the OpenAPI document adds it
+/// to the paths the route attributes give.
+const SCOPE: &str = "/api/v1/stock";
+
 pub fn configure(config: &mut web::ServiceConfig) {
-    config
-        .service(add_stock)
-        .service(update_stock)
-        .service(sync_reserved_stock)
-        .service(get_stock_level);
+    config.service(
+        web::scope(SCOPE)
+            .service(add_stock)
+            .service(update_stock)
+            .service(sync_reserved_stock)
+            .service(get_stock_level),
+    );
 }

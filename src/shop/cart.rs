@@ -316,13 +316,13 @@ fn quantity_or_zero(value: i64) -> Result<u32, ApiError> {
 }
 
 /// Adds units of a variant (to the line already there, if any).
-#[utoipa::path(tag = "cart", request_body = AddToCart, security(("bearer" = []), ("cookie" = [])), responses(
+#[utoipa::path(context_path = SCOPE, tag = "cart", request_body = AddToCart, security(("bearer" = []), ("cookie" = [])), responses(
     (status = 200, body = CartView),
     (status = 400, body = crate::http::problem::Problem), (status = 401, body = crate::http::problem::Problem),
     (status = 404, body = crate::http::problem::Problem, description = "unknown variant"),
     (status = 422, body = crate::http::problem::Problem),
 ))]
-#[post("/api/v1/cart/add-cart")]
+#[post("/add-cart")]
 pub async fn add_to_cart(
     state: web::Data<AppState>,
     request: HttpRequest,
@@ -346,10 +346,10 @@ pub async fn add_to_cart(
 }
 
 /// The caller's cart with current prices and availability.
-#[utoipa::path(tag = "cart", security(("bearer" = []), ("cookie" = [])), responses(
+#[utoipa::path(context_path = SCOPE, tag = "cart", security(("bearer" = []), ("cookie" = [])), responses(
     (status = 200, body = CartView), (status = 401, body = crate::http::problem::Problem),
 ))]
-#[get("/api/v1/cart/get-cart")]
+#[get("/get-cart")]
 pub async fn get_cart(
     state: web::Data<AppState>,
     user: AuthUser,
@@ -358,13 +358,13 @@ pub async fn get_cart(
 }
 
 /// Sets a line's quantity; 0 removes it.
-#[utoipa::path(tag = "cart", request_body = SetQuantity, params(("variant_id" = Uuid, Path)),
+#[utoipa::path(context_path = SCOPE, tag = "cart", request_body = SetQuantity, params(("variant_id" = Uuid, Path)),
     security(("bearer" = []), ("cookie" = [])), responses(
     (status = 200, body = CartView),
     (status = 400, body = crate::http::problem::Problem), (status = 401, body = crate::http::problem::Problem),
     (status = 404, body = crate::http::problem::Problem), (status = 422, body = crate::http::problem::Problem),
 ))]
-#[put("/api/v1/cart/update-item/{variant_id}")]
+#[put("/update-item/{variant_id}")]
 pub async fn update_cart_item(
     state: web::Data<AppState>,
     request: HttpRequest,
@@ -390,10 +390,10 @@ pub async fn update_cart_item(
 }
 
 /// Removes a line (nothing happens if it is not there).
-#[utoipa::path(tag = "cart", params(("variant_id" = Uuid, Path)), security(("bearer" = []), ("cookie" = [])),
+#[utoipa::path(context_path = SCOPE, tag = "cart", params(("variant_id" = Uuid, Path)), security(("bearer" = []), ("cookie" = [])),
     responses((status = 200, body = CartView), (status = 400, body = crate::http::problem::Problem),
     (status = 401, body = crate::http::problem::Problem)))]
-#[delete("/api/v1/cart/remove-item/{variant_id}")]
+#[delete("/remove-item/{variant_id}")]
 pub async fn remove_cart_item(
     state: web::Data<AppState>,
     request: HttpRequest,
@@ -407,9 +407,9 @@ pub async fn remove_cart_item(
 }
 
 /// Empties the cart.
-#[utoipa::path(tag = "cart", security(("bearer" = []), ("cookie" = [])),
+#[utoipa::path(context_path = SCOPE, tag = "cart", security(("bearer" = []), ("cookie" = [])),
     responses((status = 200, body = CartView), (status = 401, body = crate::http::problem::Problem)))]
-#[delete("/api/v1/cart/clear")]
+#[delete("/clear")]
 pub async fn clear_cart(
     state: web::Data<AppState>,
     request: HttpRequest,
@@ -418,11 +418,18 @@ pub async fn clear_cart(
     execute_and_show(&state, &request, user, CartCommand::Clear).await
 }
 
+/// The path every route of the cart starts with: they are registered as one
+/// scope (see [`crate::http::configure`]), and the OpenAPI document adds it
+/// to the paths the route attributes give.
+const SCOPE: &str = "/api/v1/cart";
+
 pub fn configure(config: &mut web::ServiceConfig) {
-    config
-        .service(add_to_cart)
-        .service(get_cart)
-        .service(update_cart_item)
-        .service(remove_cart_item)
-        .service(clear_cart);
+    config.service(
+        web::scope(SCOPE)
+            .service(add_to_cart)
+            .service(get_cart)
+            .service(update_cart_item)
+            .service(remove_cart_item)
+            .service(clear_cart),
+    );
 }

@@ -164,11 +164,11 @@ pub struct OrderListing {
 }
 
 /// The caller's orders, newest first.
-#[utoipa::path(tag = "orders", params(PageQuery), security(("bearer" = []), ("cookie" = [])), responses(
+#[utoipa::path(context_path = SCOPE, tag = "orders", params(PageQuery), security(("bearer" = []), ("cookie" = [])), responses(
     (status = 200, body = OrderListing),
     (status = 400, body = crate::http::problem::Problem), (status = 401, body = crate::http::problem::Problem),
 ))]
-#[get("/api/v1/orders/my-orders")]
+#[get("/my-orders")]
 pub async fn my_orders(
     state: web::Data<AppState>,
     user: AuthUser,
@@ -208,10 +208,10 @@ pub async fn my_orders(
 }
 
 /// One of the caller's orders.
-#[utoipa::path(tag = "orders", params(("order_id" = Uuid, Path)), security(("bearer" = []), ("cookie" = [])),
+#[utoipa::path(context_path = SCOPE, tag = "orders", params(("order_id" = Uuid, Path)), security(("bearer" = []), ("cookie" = [])),
     responses((status = 200, body = OrderView), (status = 400, body = crate::http::problem::Problem),
     (status = 401, body = crate::http::problem::Problem), (status = 404, body = crate::http::problem::Problem)))]
-#[get("/api/v1/orders/my-orders/{order_id}")]
+#[get("/my-orders/{order_id}")]
 pub async fn my_order(
     state: web::Data<AppState>,
     user: AuthUser,
@@ -220,6 +220,11 @@ pub async fn my_order(
     Ok(HttpResponse::Ok().json(own_order(&state, user, order_id.into_inner()).await?))
 }
 
+/// The path every route of a buyer's orders starts with: they are registered as one
+/// scope (see [`crate::http::configure`]), and the OpenAPI document adds it
+/// to the paths the route attributes give.
+const SCOPE: &str = "/api/v1/orders";
+
 pub fn configure(config: &mut web::ServiceConfig) {
-    config.service(my_orders).service(my_order);
+    config.service(web::scope(SCOPE).service(my_orders).service(my_order));
 }
