@@ -11,6 +11,7 @@ pub mod ops;
 pub mod paging;
 pub mod problem;
 pub mod security;
+pub mod timestamp;
 
 use actix_web::{web, HttpRequest, HttpResponse};
 

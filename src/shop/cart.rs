@@ -57,6 +57,7 @@ pub struct CartView {
     pub subtotal_cents: i64,
     /// The lines' currency; null while the cart is empty.
     pub currency: Option<String>,
+    #[serde(serialize_with = "crate::http::timestamp::rfc3339_option")]
     pub updated_at: Option<DateTime<Utc>>,
 }
 
@@ -106,7 +107,7 @@ struct CachedLine {
 }
 
 pub(crate) fn cart_key(user_id: Uuid) -> String {
-    format!("cart:{user_id}")
+    projections::cache::keys::with_id("cart:", user_id)
 }
 
 /// The cart from Postgres, refreshing the cache with the version it read.

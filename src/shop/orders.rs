@@ -40,8 +40,11 @@ pub struct OrderView {
     pub currency: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub payment_intent_id: Option<String>,
+    #[serde(serialize_with = "crate::http::timestamp::rfc3339")]
     pub expires_at: DateTime<Utc>,
+    #[serde(serialize_with = "crate::http::timestamp::rfc3339")]
     pub created_at: DateTime<Utc>,
+    #[serde(serialize_with = "crate::http::timestamp::rfc3339")]
     pub updated_at: DateTime<Utc>,
     #[serde(skip)]
     pub user_id: Uuid,
