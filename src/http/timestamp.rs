@@ -43,6 +43,9 @@ impl Text {
     /// `time` as chrono's serializer writes it; `None` for a year outside
     /// 0 to 9999 or a leap second.
     fn of(time: &DateTime<Utc>) -> Option<Self> {
+        // Each field of a `DateTime` converts it to local time first; in
+        // UTC that is the naive time, taken once here.
+        let time = time.naive_utc();
         let year = u32::try_from(time.year())
             .ok()
             .filter(|year| *year <= 9999)?;
