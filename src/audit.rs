@@ -268,9 +268,8 @@ pub async fn order_history(
     }))
 }
 
-/// The path every route of the audit starts with: they are registered as one
-/// scope (see [`crate::http::configure`]), and the OpenAPI document adds it
-/// to the paths the route attributes give.
+/// The prefix of this module's routes, registered as one scope (see
+/// [`crate::http::configure`]); utoipa's `context_path` adds it back.
 const SCOPE: &str = "/api/v1/audit";
 
 pub fn configure(config: &mut web::ServiceConfig) {

@@ -244,9 +244,8 @@ async fn category_page(state: &AppState, category_id: Uuid) -> Result<CategoryPa
         })
 }
 
-/// The path every route of the categories starts with: they are registered as one
-/// scope (see [`crate::http::configure`]), and the OpenAPI document adds it
-/// to the paths the route attributes give.
+/// The prefix of this module's routes, registered as one scope (see
+/// [`crate::http::configure`]); utoipa's `context_path` adds it back.
 const SCOPE: &str = "/api/v1/categories";
 
 pub fn configure(config: &mut web::ServiceConfig) {

@@ -820,9 +820,8 @@ async fn finish_write(
     Ok(())
 }
 
-/// The path every route of the catalog's products starts with: they are registered as one
-/// scope (see [`crate::http::configure`]), and the OpenAPI document adds it
-/// to the paths the route attributes give.
+/// The prefix of this module's routes, registered as one scope (see
+/// [`crate::http::configure`]); utoipa's `context_path` adds it back.
 const SCOPE: &str = "/api/v1/products";
 
 pub fn configure(config: &mut web::ServiceConfig) {

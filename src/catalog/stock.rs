@@ -382,9 +382,8 @@ async fn answer_after_write(
     Ok(HttpResponse::Ok().json(StockLevel::of(variant_id, entry, Viewer::Admin)))
 }
 
-/// The path every route of stock starts with: they are registered as one
-/// scope (see [`crate::http::configure`]), and the OpenAPI document adds it
-/// to the paths the route attributes give.
+/// The prefix of this module's routes, registered as one scope (see
+/// [`crate::http::configure`]); utoipa's `context_path` adds it back.
 const SCOPE: &str = "/api/v1/stock";
 
 pub fn configure(config: &mut web::ServiceConfig) {

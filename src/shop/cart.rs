@@ -419,9 +419,8 @@ pub async fn clear_cart(
     execute_and_show(&state, &request, user, CartCommand::Clear).await
 }
 
-/// The path every route of the cart starts with: they are registered as one
-/// scope (see [`crate::http::configure`]), and the OpenAPI document adds it
-/// to the paths the route attributes give.
+/// The prefix of this module's routes, registered as one scope (see
+/// [`crate::http::configure`]); utoipa's `context_path` adds it back.
 const SCOPE: &str = "/api/v1/cart";
 
 pub fn configure(config: &mut web::ServiceConfig) {

@@ -223,9 +223,8 @@ pub async fn my_order(
     Ok(HttpResponse::Ok().json(own_order(&state, user, order_id.into_inner()).await?))
 }
 
-/// The path every route of a buyer's orders starts with: they are registered as one
-/// scope (see [`crate::http::configure`]), and the OpenAPI document adds it
-/// to the paths the route attributes give.
+/// The prefix of this module's routes, registered as one scope (see
+/// [`crate::http::configure`]); utoipa's `context_path` adds it back.
 const SCOPE: &str = "/api/v1/orders";
 
 pub fn configure(config: &mut web::ServiceConfig) {
