@@ -1,9 +1,11 @@
 //! The orders read model: one row per order with its lines, for the
 //! customer's order list and order page.
 //!
-//! A batch (a flash sale's checkouts) folds its events per order in memory
-//! and writes all new orders and their lines in one statement, and all
-//! changed orders in another.
+//! The lines are a JSON column of the order's row: they are only ever read
+//! with their order, and a row of their own cost a row and an index entry
+//! more for every order placed. A batch (a flash sale's checkouts) folds its
+//! events per order in memory and writes all new orders in one statement,
+//! and all changed orders in another.
 
 use std::collections::hash_map::Entry;
 use std::collections::{HashMap, HashSet};
@@ -43,7 +45,7 @@ impl Projection for OrdersProjection {
     }
 
     fn tables(&self) -> &'static [&'static str] {
-        &["orders", "order_lines"]
+        &["orders"]
     }
 
     fn mirrors_rows(&self) -> bool {
@@ -68,10 +70,11 @@ impl Projection for OrdersProjection {
                 expires_at,
                 ..
             } => {
-                let inserted = sqlx::query(
+                sqlx::query(
                     "INSERT INTO orders (id, user_id, status, total_cents, currency, expires_at, \
-                                         created_at, updated_at, version) \
-                     VALUES ($1, $2, 'created', $3, $4, $5, $6, $6, $7) ON CONFLICT (id) DO NOTHING",
+                                         created_at, updated_at, version, lines) \
+                     VALUES ($1, $2, 'created', $3, $4, $5, $6, $6, $7, $8::jsonb) \
+                     ON CONFLICT (id) DO NOTHING",
                 )
                 .bind(order_id)
                 .bind(user_id)
@@ -80,29 +83,9 @@ impl Projection for OrdersProjection {
                 .bind(expires_at)
                 .bind(placed_at)
                 .bind(event.sequence)
+                .bind(lines_json(&lines)?)
                 .execute(&mut *tx)
-                .await?
-                .rows_affected();
-                if inserted == 0 {
-                    return Ok(());
-                }
-                for line in lines {
-                    sqlx::query(
-                        "INSERT INTO order_lines (order_id, variant_id, sku, product_id, product_name, \
-                                                  unit_price_cents, quantity, line_total_cents) \
-                         VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT DO NOTHING",
-                    )
-                    .bind(order_id)
-                    .bind(line.variant_id)
-                    .bind(line.sku.as_str())
-                    .bind(line.product_id)
-                    .bind(line.product_name.as_str())
-                    .bind(line.unit_price_cents)
-                    .bind(i64::from(line.quantity))
-                    .bind(line.line_total_cents)
-                    .execute(&mut *tx)
-                    .await?;
-                }
+                .await?;
             }
             OrderEvent::PaymentStarted {
                 payment_intent_id, ..
@@ -260,9 +243,7 @@ impl Projection for OrdersProjection {
     }
 
     async fn reset(&self, tx: &mut PgConnection) -> Result<(), ProjectionError> {
-        sqlx::query("TRUNCATE orders, order_lines")
-            .execute(tx)
-            .await?;
+        sqlx::query("TRUNCATE orders").execute(tx).await?;
         Ok(())
     }
 }
@@ -334,8 +315,8 @@ impl ColumnChange {
     }
 }
 
-/// Inserts the orders placed in the batch, as the batch left them, and the
-/// lines of those that did not exist yet, in one statement.
+/// Inserts the orders placed in the batch, as the batch left them, with
+/// their lines, in one statement.
 async fn insert_placed(
     tx: &mut PgConnection,
     placed: &[Placement],
@@ -345,7 +326,6 @@ async fn insert_placed(
         return Ok(());
     }
     let mut rows = PlacedColumns::default();
-    let mut lines = LineColumns::default();
     for placement in placed {
         let Some(order) = orders.get(&placement.order_id) else {
             continue;
@@ -362,41 +342,15 @@ async fn insert_placed(
         rows.created_at.push(placement.placed_at);
         rows.updated_at.push(order.updated_at);
         rows.versions.push(order.version);
-        // One line per variant, the first, as `apply`'s inserts keep it.
-        let mut variants = HashSet::new();
-        for line in placement
-            .lines
-            .iter()
-            .filter(|line| variants.insert(line.variant_id))
-        {
-            lines.order_ids.push(placement.order_id);
-            lines.variant_ids.push(line.variant_id);
-            lines.skus.push(line.sku.as_str().to_owned());
-            lines.product_ids.push(line.product_id);
-            lines
-                .product_names
-                .push(line.product_name.as_str().to_owned());
-            lines.unit_prices.push(line.unit_price_cents);
-            lines.quantities.push(i64::from(line.quantity));
-            lines.totals.push(line.line_total_cents);
-        }
+        rows.lines.push(lines_json(&placement.lines)?);
     }
     sqlx::query(
-        "WITH placed AS ( \
-             INSERT INTO orders (id, user_id, status, cancel_reason, total_cents, currency, \
-                                 payment_intent_id, expires_at, created_at, updated_at, version) \
-             SELECT * FROM UNNEST($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::bigint[], \
-                                  $6::text[], $7::text[], $8::timestamptz[], $9::timestamptz[], \
-                                  $10::timestamptz[], $11::bigint[]) \
-             ON CONFLICT (id) DO NOTHING RETURNING id) \
-         INSERT INTO order_lines (order_id, variant_id, sku, product_id, product_name, \
-                                  unit_price_cents, quantity, line_total_cents) \
-         SELECT l.* FROM UNNEST($12::uuid[], $13::uuid[], $14::text[], $15::uuid[], $16::text[], \
-                                $17::bigint[], $18::bigint[], $19::bigint[]) \
-              AS l(order_id, variant_id, sku, product_id, product_name, unit_price_cents, \
-                   quantity, line_total_cents) \
-         JOIN placed ON placed.id = l.order_id \
-         ON CONFLICT DO NOTHING",
+        "INSERT INTO orders (id, user_id, status, cancel_reason, total_cents, currency, \
+                             payment_intent_id, expires_at, created_at, updated_at, version, lines) \
+         SELECT * FROM UNNEST($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::bigint[], \
+                              $6::text[], $7::text[], $8::timestamptz[], $9::timestamptz[], \
+                              $10::timestamptz[], $11::bigint[], $12::text[]::jsonb[]) \
+         ON CONFLICT (id) DO NOTHING",
     )
     .bind(&rows.ids)
     .bind(&rows.user_ids)
@@ -409,17 +363,23 @@ async fn insert_placed(
     .bind(&rows.created_at)
     .bind(&rows.updated_at)
     .bind(&rows.versions)
-    .bind(&lines.order_ids)
-    .bind(&lines.variant_ids)
-    .bind(&lines.skus)
-    .bind(&lines.product_ids)
-    .bind(&lines.product_names)
-    .bind(&lines.unit_prices)
-    .bind(&lines.quantities)
-    .bind(&lines.totals)
+    .bind(&rows.lines)
     .execute(&mut *tx)
     .await?;
     Ok(())
+}
+
+/// An order's lines as its row keeps them: one per variant (the first, as
+/// a replayed or duplicated line must not count twice), sorted by variant.
+fn lines_json(lines: &[OrderLine]) -> Result<String, ProjectionError> {
+    let mut variants = HashSet::new();
+    let mut kept: Vec<&OrderLine> = lines
+        .iter()
+        .filter(|line| variants.insert(line.variant_id))
+        .collect();
+    kept.sort_by_key(|line| line.variant_id);
+    serde_json::to_string(&kept)
+        .map_err(|error| ProjectionError::Other(format!("order lines did not serialise: {error}")))
 }
 
 /// Writes the orders that existed before the batch and that it changed.
@@ -461,16 +421,6 @@ struct PlacedColumns {
     created_at: Vec<DateTime<Utc>>,
     updated_at: Vec<DateTime<Utc>>,
     versions: Vec<i64>,
-}
-
-#[derive(Default)]
-struct LineColumns {
-    order_ids: Vec<Uuid>,
-    variant_ids: Vec<Uuid>,
-    skus: Vec<String>,
-    product_ids: Vec<Uuid>,
-    product_names: Vec<String>,
-    unit_prices: Vec<i64>,
-    quantities: Vec<i64>,
-    totals: Vec<i64>,
+    /// JSON text (see `lines_json`).
+    lines: Vec<String>,
 }

@@ -1,12 +1,10 @@
 //! The customer's orders, read from the orders read model.
 
-use std::collections::HashMap;
-
 use actix_web::{get, web, HttpResponse};
 use chrono::{DateTime, Utc};
 use cqrs_es::Aggregate;
 use domain::cart::Cart;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use sqlx::PgPool;
 use utoipa::ToSchema;
 use uuid::Uuid;
@@ -17,7 +15,9 @@ use crate::http::paging::{PageMeta, PageQuery, Paging};
 use crate::http::problem::ApiError;
 use crate::state::AppState;
 
-#[derive(Debug, Clone, Serialize, ToSchema, sqlx::FromRow)]
+/// A line as the API shows it; the read model keeps the lines as JSON in
+/// the order's row, with the product id besides.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct OrderItem {
     pub variant_id: Uuid,
     pub sku: String,
@@ -62,51 +62,28 @@ struct OrderRow {
     expires_at: DateTime<Utc>,
     created_at: DateTime<Utc>,
     updated_at: DateTime<Utc>,
+    lines: sqlx::types::Json<Vec<OrderItem>>,
 }
 
 const ORDER_COLUMNS: &str = "id, user_id, status, cancel_reason, total_cents, currency, \
-     payment_intent_id, expires_at, created_at, updated_at";
+     payment_intent_id, expires_at, created_at, updated_at, lines";
 
-impl OrderRow {
-    fn with_items(self, items: Vec<OrderItem>) -> OrderView {
+impl From<OrderRow> for OrderView {
+    fn from(row: OrderRow) -> Self {
         OrderView {
-            id: self.id,
-            status: self.status,
-            cancel_reason: self.cancel_reason,
-            items,
-            total_cents: self.total_cents,
-            currency: self.currency,
-            payment_intent_id: self.payment_intent_id,
-            expires_at: self.expires_at,
-            created_at: self.created_at,
-            updated_at: self.updated_at,
-            user_id: self.user_id,
+            id: row.id,
+            status: row.status,
+            cancel_reason: row.cancel_reason,
+            items: row.lines.0,
+            total_cents: row.total_cents,
+            currency: row.currency,
+            payment_intent_id: row.payment_intent_id,
+            expires_at: row.expires_at,
+            created_at: row.created_at,
+            updated_at: row.updated_at,
+            user_id: row.user_id,
         }
     }
-}
-
-async fn items_of(
-    pool: &PgPool,
-    order_ids: &[Uuid],
-) -> Result<Vec<(Uuid, OrderItem)>, sqlx::Error> {
-    #[derive(sqlx::FromRow)]
-    struct Line {
-        order_id: Uuid,
-        #[sqlx(flatten)]
-        item: OrderItem,
-    }
-    let lines: Vec<Line> = sqlx::query_as(
-        "SELECT order_id, variant_id, sku, product_name, unit_price_cents, quantity::bigint AS quantity, \
-                line_total_cents \
-         FROM order_lines WHERE order_id = ANY($1) ORDER BY order_id, variant_id",
-    )
-    .bind(order_ids)
-    .fetch_all(pool)
-    .await?;
-    Ok(lines
-        .into_iter()
-        .map(|line| (line.order_id, line.item))
-        .collect())
 }
 
 /// One order as the read model has it, whoever owns it.
@@ -116,13 +93,7 @@ pub async fn order_view(pool: &PgPool, order_id: Uuid) -> Result<Option<OrderVie
             .bind(order_id)
             .fetch_optional(pool)
             .await?;
-    let Some(row) = row else { return Ok(None) };
-    let items = items_of(pool, &[order_id])
-        .await?
-        .into_iter()
-        .map(|(_, item)| item)
-        .collect();
-    Ok(Some(row.with_items(items)))
+    Ok(row.map(OrderView::from))
 }
 
 /// The caller's order; another user's order does not exist for them.
@@ -192,18 +163,7 @@ pub async fn my_orders(
     .bind(paging.offset())
     .fetch_all(&state.pool)
     .await?;
-    let ids: Vec<Uuid> = rows.iter().map(|row| row.id).collect();
-    let mut lines_by_order: HashMap<Uuid, Vec<OrderItem>> = HashMap::new();
-    for (order_id, item) in items_of(&state.pool, &ids).await? {
-        lines_by_order.entry(order_id).or_default().push(item);
-    }
-    let items = rows
-        .into_iter()
-        .map(|row| {
-            let lines = lines_by_order.remove(&row.id).unwrap_or_default();
-            row.with_items(lines)
-        })
-        .collect();
+    let items = rows.into_iter().map(OrderView::from).collect();
     Ok(HttpResponse::Ok().json(OrderListing {
         items,
         page: paging.meta(total.max(0) as u64),

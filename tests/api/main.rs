@@ -21,4 +21,5 @@ mod rebuild;
 mod sales;
 mod shop_support;
 mod stock;
+mod upgrades;
 mod users;

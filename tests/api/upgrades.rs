@@ -1,0 +1,125 @@
+//! Migrations that move data: what an older release stored means the same
+//! after the upgrade as what the new code writes.
+
+use std::path::Path;
+
+use domain::order::OrderLine;
+use domain::values::{Name, Sku};
+use serde_json::Value;
+use sqlx::{Connection, PgConnection};
+use uuid::Uuid;
+
+use crate::helpers::test_settings;
+
+/// The migrations' SQL, by version.
+fn migrations() -> Vec<(u32, String)> {
+    let folder = Path::new(env!("CARGO_MANIFEST_DIR")).join("migrations");
+    let mut migrations: Vec<(u32, String)> = std::fs::read_dir(&folder)
+        .expect("the migrations folder")
+        .map(|entry| entry.expect("a migration").path())
+        .filter(|path| path.extension().is_some_and(|extension| extension == "sql"))
+        .map(|path| {
+            let name = path.file_name().unwrap().to_string_lossy().into_owned();
+            let version = name.split('_').next().unwrap().parse().unwrap();
+            (version, std::fs::read_to_string(&path).unwrap())
+        })
+        .collect();
+    migrations.sort();
+    migrations
+}
+
+/// A fresh database with every migration before `version` applied, as an
+/// older release left it, and the migrations from `version` on.
+async fn database_before(version: u32) -> (PgConnection, Vec<String>) {
+    let settings = test_settings();
+    commerce::db::create_database_if_missing(&settings)
+        .await
+        .unwrap();
+    let options = commerce::db::connect_options(&settings).unwrap();
+    let mut database = PgConnection::connect_with(&options).await.unwrap();
+    let mut later = Vec::new();
+    for (number, sql) in migrations() {
+        if number < version {
+            sqlx::raw_sql(&sql).execute(&mut database).await.unwrap();
+        } else {
+            later.push(sql);
+        }
+    }
+    (database, later)
+}
+
+fn line(variant_id: Uuid, sku: &str, quantity: u32) -> OrderLine {
+    OrderLine {
+        variant_id,
+        sku: Sku::try_from(sku.to_owned()).unwrap(),
+        product_id: Uuid::new_v4(),
+        product_name: Name::try_from(format!("Product {sku}")).unwrap(),
+        unit_price_cents: 1999,
+        quantity,
+        line_total_cents: 1999 * i64::from(quantity),
+    }
+}
+
+#[tokio::test]
+async fn an_orders_lines_move_into_its_row_as_the_orders_projection_writes_them() {
+    let (mut database, later) = database_before(15).await;
+    let (with_lines, without_lines, user) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
+    let mut variants = [Uuid::new_v4(), Uuid::new_v4()];
+    variants.sort();
+    let lines = [
+        line(variants[0], "SKU-LOW", 2),
+        line(variants[1], "SKU-HIGH", 1),
+    ];
+    for order_id in [with_lines, without_lines] {
+        sqlx::query(
+            "INSERT INTO orders (id, user_id, status, total_cents, currency, expires_at, \
+                                 created_at, updated_at, version) \
+             VALUES ($1, $2, 'created', 5997, 'USD', now(), now(), now(), 1)",
+        )
+        .bind(order_id)
+        .bind(user)
+        .execute(&mut database)
+        .await
+        .unwrap();
+    }
+    // Stored in the other order than the variants sort in.
+    for line in lines.iter().rev() {
+        sqlx::query(
+            "INSERT INTO order_lines (order_id, variant_id, sku, product_id, product_name, \
+                                      unit_price_cents, quantity, line_total_cents) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+        )
+        .bind(with_lines)
+        .bind(line.variant_id)
+        .bind(line.sku.as_str())
+        .bind(line.product_id)
+        .bind(line.product_name.as_str())
+        .bind(line.unit_price_cents)
+        .bind(i64::from(line.quantity))
+        .bind(line.line_total_cents)
+        .execute(&mut database)
+        .await
+        .unwrap();
+    }
+
+    sqlx::raw_sql(&later[0])
+        .execute(&mut database)
+        .await
+        .unwrap();
+
+    let stored = |order_id: Uuid| {
+        sqlx::query_scalar::<_, Value>("SELECT lines FROM orders WHERE id = $1").bind(order_id)
+    };
+    let moved = stored(with_lines).fetch_one(&mut database).await.unwrap();
+    assert_eq!(moved, serde_json::to_value(&lines).unwrap());
+    let none = stored(without_lines)
+        .fetch_one(&mut database)
+        .await
+        .unwrap();
+    assert_eq!(none, serde_json::json!([]));
+    let table_left: bool = sqlx::query_scalar("SELECT to_regclass('order_lines') IS NOT NULL")
+        .fetch_one(&mut database)
+        .await
+        .unwrap();
+    assert!(!table_left, "order_lines is dropped");
+}
