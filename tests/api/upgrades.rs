@@ -1,8 +1,6 @@
 //! Migrations that move data: what an older release stored means the same
 //! after the upgrade as what the new code writes.
 
-use std::path::Path;
-
 use domain::order::OrderLine;
 use domain::values::{Name, Sku};
 use serde_json::Value;
@@ -11,26 +9,10 @@ use uuid::Uuid;
 
 use crate::helpers::test_settings;
 
-/// The migrations' SQL, by version.
-fn migrations() -> Vec<(u32, String)> {
-    let folder = Path::new(env!("CARGO_MANIFEST_DIR")).join("migrations");
-    let mut migrations: Vec<(u32, String)> = std::fs::read_dir(&folder)
-        .expect("the migrations folder")
-        .map(|entry| entry.expect("a migration").path())
-        .filter(|path| path.extension().is_some_and(|extension| extension == "sql"))
-        .map(|path| {
-            let name = path.file_name().unwrap().to_string_lossy().into_owned();
-            let version = name.split('_').next().unwrap().parse().unwrap();
-            (version, std::fs::read_to_string(&path).unwrap())
-        })
-        .collect();
-    migrations.sort();
-    migrations
-}
-
 /// A fresh database with every migration before `version` applied, as an
-/// older release left it, and the migrations from `version` on.
-async fn database_before(version: u32) -> (PgConnection, Vec<String>) {
+/// older release left it, and the SQL of the migrations from `version` on
+/// (the server's own, as `commerce::db::migrate` applies them).
+async fn database_before(version: i64) -> (PgConnection, Vec<&'static str>) {
     let settings = test_settings();
     commerce::db::create_database_if_missing(&settings)
         .await
@@ -38,11 +20,14 @@ async fn database_before(version: u32) -> (PgConnection, Vec<String>) {
     let options = commerce::db::connect_options(&settings).unwrap();
     let mut database = PgConnection::connect_with(&options).await.unwrap();
     let mut later = Vec::new();
-    for (number, sql) in migrations() {
-        if number < version {
-            sqlx::raw_sql(&sql).execute(&mut database).await.unwrap();
+    for migration in commerce::db::MIGRATOR.iter() {
+        if migration.version < version {
+            sqlx::raw_sql(&migration.sql)
+                .execute(&mut database)
+                .await
+                .unwrap();
         } else {
-            later.push(sql);
+            later.push(&*migration.sql);
         }
     }
     (database, later)
@@ -102,7 +87,7 @@ async fn an_orders_lines_move_into_its_row_as_the_orders_projection_writes_them(
         .unwrap();
     }
 
-    sqlx::raw_sql(&later[0])
+    sqlx::raw_sql(later[0])
         .execute(&mut database)
         .await
         .unwrap();
