@@ -11,11 +11,25 @@ use crate::config::Settings;
 
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
+/// What each of the server's connections calls itself in Postgres
+/// (`application_name`, shown in `pg_stat_activity`), so that an operator,
+/// and the benchmark's CPU split, can tell the serial stages' backends from
+/// the pool's.
+pub mod application_names {
+    /// The shared pool: request handlers, projections, the scheduler.
+    pub const POOL: &str = "commerce";
+    /// The checkout committer's own connection.
+    pub const CHECKOUT_COMMITTER: &str = "commerce checkout committer";
+    /// The idempotency key writer's own connections.
+    pub const IDEMPOTENCY_KEYS: &str = "commerce idempotency keys";
+}
+
 pub fn connect_options(settings: &Settings) -> anyhow::Result<PgConnectOptions> {
     let options = PgConnectOptions::from_str(settings.database_url.expose_secret())
         .map_err(|e| anyhow::anyhow!("DATABASE_URL is not a valid Postgres URL: {e}"))?;
     // A runaway query must not hold a connection (or a lock) forever.
     Ok(options
+        .application_name(application_names::POOL)
         .options([
             ("statement_timeout", "15s"),
             ("idle_in_transaction_session_timeout", "60s"),

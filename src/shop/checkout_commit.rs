@@ -362,7 +362,13 @@ impl Worker {
             Some(connection) => Ok(connection),
             None => {
                 self.held = None;
-                let options = self.store.pool().connect_options();
+                let options = self
+                    .store
+                    .pool()
+                    .connect_options()
+                    .as_ref()
+                    .clone()
+                    .application_name(crate::db::application_names::CHECKOUT_COMMITTER);
                 PgConnection::connect_with(&options).await
             }
         }

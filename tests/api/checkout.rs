@@ -424,6 +424,33 @@ async fn checkout_holds_the_stock_empties_the_cart_and_replays_for_the_same_key(
 }
 
 #[tokio::test]
+async fn the_serial_stages_name_their_postgres_connections() {
+    use commerce::db::application_names::{CHECKOUT_COMMITTER, IDEMPOTENCY_KEYS, POOL};
+
+    let app = spawn_app().await;
+    let admin = TestUser::create_admin(&app).await;
+    let variant = product_with_stock(&app, &admin, 10).await;
+    let buyer = buyer_with_cart(&app, variant, 1).await;
+    assert_eq!(checkout(&app, &buyer, "named-1").await.status(), 201);
+
+    // The bench's CPU split and an operator's pg_stat_activity tell the
+    // committer's and the key writer's backends apart by these names.
+    let names: Vec<String> = sqlx::query_scalar(
+        "SELECT DISTINCT application_name FROM pg_stat_activity \
+         WHERE datname = current_database() ORDER BY 1",
+    )
+    .fetch_all(&app.pool)
+    .await
+    .unwrap();
+    for expected in [POOL, CHECKOUT_COMMITTER, IDEMPOTENCY_KEYS] {
+        assert!(
+            names.iter().any(|name| name == expected),
+            "{expected} in {names:?}"
+        );
+    }
+}
+
+#[tokio::test]
 async fn another_users_order_does_not_exist_for_you() {
     let app = spawn_app().await;
     let admin = TestUser::create_admin(&app).await;

@@ -115,6 +115,7 @@ impl KeyLedger {
             .connect_options()
             .as_ref()
             .clone()
+            .application_name(crate::db::application_names::IDEMPOTENCY_KEYS)
             .options([("plan_cache_mode", "force_generic_plan")]);
         let writer_pool = PgPoolOptions::new()
             .max_connections(2)
