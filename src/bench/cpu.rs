@@ -113,10 +113,12 @@ impl GroupTimes {
         Some((command, user + system))
     }
 
-    fn read() -> Self {
+    /// The groups' ticks, and each Postgres process's own, by pid.
+    fn read() -> (Self, Vec<(u32, u64)>) {
         let mut times = Self::default();
+        let mut postgres = Vec::new();
         let Ok(entries) = std::fs::read_dir("/proc") else {
-            return times;
+            return (times, postgres);
         };
         for entry in entries.flatten() {
             let Some(pid) = entry
@@ -135,18 +137,24 @@ impl GroupTimes {
             };
             if let Some(group) = Group::of(pid, command) {
                 times.0[group as usize] += ticks;
+                if group == Group::Postgres {
+                    postgres.push((pid, ticks));
+                }
             }
         }
-        times
+        postgres.sort_unstable();
+        (times, postgres)
     }
 }
 
 /// One sample: the machine's counters and the groups' counters.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct Sample {
     at: Duration,
     machine: CpuTimes,
     groups: GroupTimes,
+    /// Each Postgres process's ticks, sorted by pid.
+    postgres: Vec<(u32, u64)>,
 }
 
 /// Counters taken through a phase.
@@ -165,6 +173,9 @@ pub struct CpuSplit {
     pub idle: f64,
     /// How many cores the machine has, as its counters tell.
     pub cores: f64,
+    /// Each Postgres process's share of the machine's time, by pid (a
+    /// backend that started after the first sample counts from zero).
+    pub postgres_processes: Vec<(u32, f64)>,
 }
 
 /// "server 31%, Postgres 41%, ..., idle 10%": each share of the machine's
@@ -193,11 +204,50 @@ impl CpuSplit {
         if count == 0 {
             return None;
         }
-        let machine_micros = self.cores * span.as_secs_f64() * 1e6;
         Some(
             self.groups
-                .map(|share| share * machine_micros / count as f64),
+                .map(|share| self.share_in_micros(share, span) / count as f64),
         )
+    }
+
+    /// The Postgres processes' CPU time per one of `count` things done in
+    /// `span`, in microseconds, split by the role each pid is given in
+    /// `roles` (`pid`, role); pids without one add up under `rest`. The
+    /// roles come in their order of first appearance in `roles`.
+    pub fn postgres_micros_by_role<'a>(
+        &self,
+        roles: &'a [(u32, String)],
+        rest: &'a str,
+        count: usize,
+        span: Duration,
+    ) -> Option<Vec<(&'a str, f64)>> {
+        if count == 0 {
+            return None;
+        }
+        let mut split: Vec<(&str, f64)> = Vec::new();
+        for (pid, share) in &self.postgres_processes {
+            let role = roles
+                .iter()
+                .find(|(known, _)| known == pid)
+                .map_or(rest, |(_, role)| role.as_str());
+            let micros = self.share_in_micros(*share, span) / count as f64;
+            match split.iter_mut().find(|(named, _)| *named == role) {
+                Some((_, total)) => *total += micros,
+                None => split.push((role, micros)),
+            }
+        }
+        let order = |role: &str| {
+            roles
+                .iter()
+                .position(|(_, named)| named == role)
+                .unwrap_or(usize::MAX)
+        };
+        split.sort_by_key(|(role, _)| order(role));
+        Some(split)
+    }
+
+    fn share_in_micros(&self, share: f64, span: Duration) -> f64 {
+        share * self.cores * span.as_secs_f64() * 1e6
     }
 }
 
@@ -209,11 +259,15 @@ impl CpuSamples {
         let mut samples = Vec::new();
         loop {
             match CpuTimes::read() {
-                Some(machine) => samples.push(Sample {
-                    at: started.elapsed(),
-                    machine,
-                    groups: GroupTimes::read(),
-                }),
+                Some(machine) => {
+                    let (groups, postgres) = GroupTimes::read();
+                    samples.push(Sample {
+                        at: started.elapsed(),
+                        machine,
+                        groups,
+                        postgres,
+                    });
+                }
                 None => return Self::default(),
             }
             if *stop.borrow() {
@@ -240,6 +294,17 @@ impl CpuSamples {
         let share = |ticks: u64| ticks as f64 / total as f64;
         let groups: [f64; 4] =
             std::array::from_fn(|i| share(last.groups.0[i].saturating_sub(first.groups.0[i])));
+        let postgres_processes = last
+            .postgres
+            .iter()
+            .map(|(pid, ticks)| {
+                let before = first
+                    .postgres
+                    .binary_search_by_key(pid, |(pid, _)| *pid)
+                    .map_or(0, |at| first.postgres[at].1);
+                (*pid, share(ticks.saturating_sub(before)))
+            })
+            .collect();
         let idle = share(last.machine.idle.saturating_sub(first.machine.idle));
         let stolen = share(last.machine.stolen.saturating_sub(first.machine.stolen));
         Some(CpuSplit {
@@ -248,6 +313,7 @@ impl CpuSamples {
             stolen,
             idle,
             cores: total as f64 / TICKS_PER_SECOND / covered.as_secs_f64(),
+            postgres_processes,
         })
     }
 }
@@ -285,20 +351,31 @@ mod tests {
 
     #[test]
     fn the_split_stops_at_the_last_sample_before_the_cut() {
-        let at = |ms: u64, idle: u64, total: u64, server: u64, postgres: u64| Sample {
-            at: Duration::from_millis(ms),
-            machine: CpuTimes {
-                idle,
-                stolen: total / 100,
-                total,
-            },
-            groups: GroupTimes([server, postgres, 0, 0]),
-        };
+        let at =
+            |ms: u64, idle: u64, total: u64, groups: [u64; 2], processes: &[(u32, u64)]| Sample {
+                at: Duration::from_millis(ms),
+                machine: CpuTimes {
+                    idle,
+                    stolen: total / 100,
+                    total,
+                },
+                groups: GroupTimes([groups[0], groups[1], 0, 0]),
+                postgres: processes.to_vec(),
+            };
+        // Postgres process 10 runs throughout, 20 starts after the first
+        // sample, 30 ends before the cut (the group's ticks are given
+        // apart: a process that ends leaves its group's sum).
         let samples = CpuSamples(vec![
-            at(0, 1_000, 10_000, 500, 700),
-            at(50, 1_010, 10_100, 540, 740),
-            at(100, 1_030, 10_200, 580, 780),
-            at(150, 1_130, 10_300, 580, 780),
+            at(0, 1_000, 10_000, [500, 700], &[(10, 600), (30, 100)]),
+            at(
+                50,
+                1_010,
+                10_100,
+                [540, 740],
+                &[(10, 630), (20, 10), (30, 100)],
+            ),
+            at(100, 1_030, 10_200, [580, 780], &[(10, 660), (20, 20)]),
+            at(150, 1_130, 10_300, [580, 780], &[(10, 660), (20, 20)]),
         ]);
         let split = samples.split_until(Duration::from_millis(120)).unwrap();
         assert_eq!(split.idle, 0.15);
@@ -317,6 +394,24 @@ mod tests {
         let per = split.micros_per(100, Duration::from_millis(100)).unwrap();
         assert!((per[0] - 8_000.0).abs() < 1e-6);
         assert_eq!(split.micros_per(0, Duration::from_secs(1)), None);
+
+        assert_eq!(split.postgres_processes, vec![(10, 0.3), (20, 0.1)]);
+        let roles = [(20, "committer".to_owned()), (99, "keys".to_owned())];
+        let by_role = split
+            .postgres_micros_by_role(&roles, "the rest", 100, Duration::from_millis(100))
+            .unwrap();
+        let names: Vec<&str> = by_role.iter().map(|(role, _)| *role).collect();
+        assert_eq!(
+            names,
+            ["committer", "the rest"],
+            "roles first, no empty ones"
+        );
+        assert!((by_role[0].1 - 2_000.0).abs() < 1e-6);
+        assert!((by_role[1].1 - 6_000.0).abs() < 1e-6);
+        assert_eq!(
+            split.postgres_micros_by_role(&roles, "the rest", 0, Duration::from_secs(1)),
+            None
+        );
 
         let whole = samples.split_until(Duration::from_millis(500)).unwrap();
         assert_eq!(whole.idle, 0.43333333333333335);

@@ -135,6 +135,7 @@ pub async fn run(options: &Options) -> anyhow::Result<Report> {
     let lag = lag.await?;
     let cpu = cpu.await?;
     let checkout = checkout?;
+    let backends = serial_stage_backends(&db).await?;
     say(format!(
         "[checkout] {} answers/s, {} successful/s; {}",
         checkout.all_per_second().round(),
@@ -148,7 +149,7 @@ pub async fn run(options: &Options) -> anyhow::Result<Report> {
     diagnostics.extend(event_diagnostics(&db, before.last_position, &checkout).await?);
     diagnostics.extend(lag);
     if let Some(split) = cpu.split_until(checkout.sell_out) {
-        diagnostics.extend(cpu_lines(&split, &checkout));
+        diagnostics.extend(cpu_lines(&split, &checkout, &backends));
     }
 
     say("[invariants]");
@@ -862,7 +863,7 @@ async fn event_diagnostics(
 /// Where the machine's CPU time went until the sell-out: shares of it, and
 /// CPU time per successful checkout (the figure that moves least between
 /// runs of one build).
-fn cpu_lines(split: &CpuSplit, checkout: &Checkout) -> Vec<String> {
+fn cpu_lines(split: &CpuSplit, checkout: &Checkout, backends: &[(u32, String)]) -> Vec<String> {
     let mut lines = vec![format!(
         "CPU until the sell-out (/proc, sampled every 50 ms): {split} of the machine's time"
     )];
@@ -878,7 +879,41 @@ fn cpu_lines(split: &CpuSplit, checkout: &Checkout) -> Vec<String> {
             micros.iter().sum::<f64>()
         ));
     }
+    let by_role = split.postgres_micros_by_role(
+        backends,
+        "other Postgres processes",
+        checkout.successful,
+        checkout.sell_out,
+    );
+    if let Some(by_role) = by_role.filter(|split| !split.is_empty()) {
+        let per: Vec<String> = by_role
+            .iter()
+            .map(|(role, micros)| format!("{role} {micros:.0} µs"))
+            .collect();
+        lines.push(format!(
+            "Postgres per successful checkout, by connection: {}",
+            per.join(", ")
+        ));
+    }
     lines
+}
+
+/// The backends of the servers' serial stages (the checkout committers and
+/// the idempotency key writers, told apart by `application_name`), by pid.
+async fn serial_stage_backends(db: &PgPool) -> anyhow::Result<Vec<(u32, String)>> {
+    use crate::db::application_names::{CHECKOUT_COMMITTER, IDEMPOTENCY_KEYS};
+    let rows: Vec<(i32, String)> = sqlx::query_as(
+        "SELECT pid, application_name FROM pg_stat_activity \
+         WHERE datname = current_database() AND application_name = ANY($1) \
+         ORDER BY array_position($1, application_name), pid",
+    )
+    .bind(&[CHECKOUT_COMMITTER, IDEMPOTENCY_KEYS][..])
+    .fetch_all(db)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .filter_map(|(pid, name)| Some((u32::try_from(pid).ok()?, name)))
+        .collect())
 }
 
 #[cfg(test)]
