@@ -62,6 +62,11 @@ impl Application {
             &settings.redis_key_prefix,
             settings.login_failure_window,
         );
+        // The two stages every checkout waits on, on one thread of their own.
+        let (checkouts, committing) = CheckoutCommitter::new(store.clone(), caches.carts.clone());
+        let (idempotency_keys, key_writing) = KeyLedger::new(&pool);
+        crate::dedicated::spawn("serial-stages", vec![committing, key_writing])
+            .context("starting the checkout committer and the idempotency key writer")?;
         let state = web::Data::new(AppState {
             redis,
             rate_limits,
@@ -70,10 +75,8 @@ impl Application {
             settings: Arc::new(settings),
             pool: pool.clone(),
             inventory: CommandBus::new(store.clone()),
-            checkouts: CheckoutCommitter::start(store.clone(), caches.carts.clone())
-                .context("starting the checkout committer")?,
-            idempotency_keys: KeyLedger::start(&pool)
-                .context("starting the idempotency key writer")?,
+            checkouts,
+            idempotency_keys,
             orders: CommandBus::new(store.clone()),
             carts: CommandBus::new(store.clone()),
             products: CommandBus::new(store.clone()),

@@ -10,7 +10,8 @@
 //! transaction. A checkout is all or nothing inside that transaction, so a
 //! short line never holds stock it has to give back.
 //!
-//! The task runs on a thread of its own ([`crate::dedicated`]) and works on
+//! The task runs on a thread of its own, with the idempotency key writer
+//! ([`crate::dedicated`]), and works on
 //! a connection of its own (never queued behind request handlers for a
 //! pooled one), in as few round trips as it can. It holds a
 //! session advisory lock per item it is selling (taken in item-id order,
@@ -38,6 +39,7 @@ use domain::inventory::{InventoryCommand, InventoryError, InventoryItem};
 use domain::order::{NewOrderLine, Order, OrderCommand, OrderError, OrderEvent};
 use domain::values::{Currency, Quantity};
 use domain::Decider;
+use futures_util::future::BoxFuture;
 use projections::{GlobalPosition, StoredEvent};
 use rand::Rng;
 use sqlx::{Connection, PgConnection};
@@ -121,9 +123,9 @@ pub struct CheckoutCommitter {
 }
 
 impl CheckoutCommitter {
-    /// Starts the committing task on a thread of its own (see
-    /// [`crate::dedicated`]).
-    pub fn start(store: EventStore, cached_carts: VersionedCache) -> std::io::Result<Self> {
+    /// The handle, and the committing task for the caller to run (the
+    /// server runs it on a thread of its own, see [`crate::dedicated`]).
+    pub fn new(store: EventStore, cached_carts: VersionedCache) -> (Self, BoxFuture<'static, ()>) {
         let (queue, receiver) = mpsc::channel(8192);
         let worker = Worker {
             connection: None,
@@ -133,8 +135,7 @@ impl CheckoutCommitter {
             carts: HashMap::new(),
             cached_carts,
         };
-        crate::dedicated::spawn("checkout-commit", worker.run(receiver))?;
-        Ok(Self { queue })
+        (Self { queue }, Box::pin(worker.run(receiver)))
     }
 
     pub async fn check_out(

@@ -12,6 +12,7 @@
 
 use std::time::{Duration, Instant};
 
+use futures_util::future::BoxFuture;
 use sqlx::pool::PoolConnection;
 use sqlx::postgres::PgPoolOptions;
 use sqlx::{Connection, PgConnection, PgPool, Postgres};
@@ -100,8 +101,16 @@ const STOPPED: &str = "the key writer stopped";
 
 impl KeyLedger {
     /// Starts the writing task on a thread of its own (see
-    /// [`crate::dedicated`]), with connections of its own to the database
-    /// `pool` connects to.
+    /// [`crate::dedicated`]); the server runs it beside the checkout
+    /// committer instead (see [`KeyLedger::new`]).
+    pub fn start(pool: &PgPool) -> std::io::Result<Self> {
+        let (ledger, writing) = Self::new(pool);
+        crate::dedicated::spawn("idempotency-keys", vec![writing])?;
+        Ok(ledger)
+    }
+
+    /// The handle, and the writing task for the caller to run, with
+    /// connections of its own to the database `pool` connects to.
     ///
     /// Those connections plan every statement generically: Postgres keeps
     /// making a custom plan for each call while batches are smaller than
@@ -110,7 +119,7 @@ impl KeyLedger {
     /// are small, 1.9 s of planning against 1.2 s of execution in one
     /// sale). One statement is in flight at a time, on a connection the
     /// writer keeps (see `Writer`); the second is there for a reconnect.
-    pub fn start(pool: &PgPool) -> std::io::Result<Self> {
+    pub fn new(pool: &PgPool) -> (Self, BoxFuture<'static, ()>) {
         let options = pool
             .connect_options()
             .as_ref()
@@ -126,8 +135,7 @@ impl KeyLedger {
             connection: None,
             last_used: Instant::now(),
         };
-        crate::dedicated::spawn("idempotency-keys", run(writer, receiver))?;
-        Ok(Self { queue })
+        (Self { queue }, Box::pin(run(writer, receiver)))
     }
 
     pub async fn claim(&self, claim: Claim) -> Result<ClaimResult, LedgerError> {
