@@ -8,7 +8,7 @@
 //! thread that mostly sleeps is run soon after it wakes. The two share one
 //! such thread: they seldom have work at the same moment, and one thread
 //! fewer to wake per instance left more of two cores to the rest (README,
-//! "The serial stages have threads of their own").
+//! "The serial stages have a thread of their own").
 
 use futures_util::future::BoxFuture;
 
