@@ -24,6 +24,15 @@ pub mod application_names {
     pub const IDEMPOTENCY_KEYS: &str = "commerce idempotency keys";
 }
 
+/// The options `pool` connects with, for a connection of a stage's own
+/// that calls itself `application_name` (one of [`application_names`]).
+pub fn own_connection_options(pool: &PgPool, application_name: &str) -> PgConnectOptions {
+    pool.connect_options()
+        .as_ref()
+        .clone()
+        .application_name(application_name)
+}
+
 pub fn connect_options(settings: &Settings) -> anyhow::Result<PgConnectOptions> {
     let options = PgConnectOptions::from_str(settings.database_url.expose_secret())
         .map_err(|e| anyhow::anyhow!("DATABASE_URL is not a valid Postgres URL: {e}"))?;

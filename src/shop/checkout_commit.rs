@@ -363,13 +363,10 @@ impl Worker {
             Some(connection) => Ok(connection),
             None => {
                 self.held = None;
-                let options = self
-                    .store
-                    .pool()
-                    .connect_options()
-                    .as_ref()
-                    .clone()
-                    .application_name(crate::db::application_names::CHECKOUT_COMMITTER);
+                let options = crate::db::own_connection_options(
+                    self.store.pool(),
+                    crate::db::application_names::CHECKOUT_COMMITTER,
+                );
                 PgConnection::connect_with(&options).await
             }
         }

@@ -120,12 +120,9 @@ impl KeyLedger {
     /// sale). One statement is in flight at a time, on a connection the
     /// writer keeps (see `Writer`); the second is there for a reconnect.
     pub fn new(pool: &PgPool) -> (Self, BoxFuture<'static, ()>) {
-        let options = pool
-            .connect_options()
-            .as_ref()
-            .clone()
-            .application_name(crate::db::application_names::IDEMPOTENCY_KEYS)
-            .options([("plan_cache_mode", "force_generic_plan")]);
+        let options =
+            crate::db::own_connection_options(pool, crate::db::application_names::IDEMPOTENCY_KEYS)
+                .options([("plan_cache_mode", "force_generic_plan")]);
         let writer_pool = PgPoolOptions::new()
             .max_connections(2)
             .connect_lazy_with(options);
