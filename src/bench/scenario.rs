@@ -879,13 +879,17 @@ fn cpu_lines(split: &CpuSplit, checkout: &Checkout, backends: &[(u32, String)]) 
             micros.iter().sum::<f64>()
         ));
     }
-    let by_role = split.postgres_micros_by_role(
-        backends,
-        "other Postgres processes",
-        checkout.successful,
-        checkout.sell_out,
-    );
-    if let Some(by_role) = by_role.filter(|split| !split.is_empty()) {
+    // Servers that do not name their connections (older releases, with
+    // `--url`) leave nothing to split: the line would repeat Postgres's.
+    let by_role = split
+        .postgres_micros_by_role(
+            backends,
+            "other Postgres processes",
+            checkout.successful,
+            checkout.sell_out,
+        )
+        .filter(|_| !backends.is_empty());
+    if let Some(by_role) = by_role {
         let per: Vec<String> = by_role
             .iter()
             .map(|(role, micros)| format!("{role} {micros:.0} µs"))
