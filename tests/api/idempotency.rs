@@ -272,8 +272,9 @@ async fn a_key_whose_first_attempt_died_is_taken_over_and_a_running_one_is_not()
     app.stop().await;
 }
 
-/// Waits until the answer to `key` is stored.
-async fn recorded(app: &TestApp, user_id: Uuid, key: &str) {
+/// Waits until the answer to `key` is stored (a checkout's answer is
+/// recorded after it is sent).
+pub(crate) async fn recorded(app: &TestApp, user_id: Uuid, key: &str) {
     for _ in 0..200 {
         let status: Option<i16> = sqlx::query_scalar(
             "SELECT response_status FROM idempotency_keys WHERE user_id = $1 AND key = $2",
@@ -440,5 +441,70 @@ async fn a_record_stays_on_the_page_of_its_claim() {
         .map(|(claimed, _)| &claimed.0)
         .collect();
     assert!(moved.is_empty(), "records that left their page: {moved:?}");
+    app.stop().await;
+}
+
+/// The transaction that last wrote each of the user's keys, by key.
+async fn writing_transactions(app: &TestApp, user_id: Uuid) -> Vec<(String, String)> {
+    sqlx::query_as("SELECT key, xmin::text FROM idempotency_keys WHERE user_id = $1 ORDER BY key")
+        .bind(user_id)
+        .fetch_all(&app.pool)
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn records_nobody_waits_for_are_held_until_a_write_someone_waits_for() {
+    let app = spawn_app().await;
+    // Held far longer than the test takes, so that only the awaited write
+    // can end the wait.
+    let ledger = KeyLedger::start_holding(&app.pool, Duration::from_secs(60))
+        .expect("the key writer starts");
+    let user = Uuid::new_v4();
+    let keys: Vec<String> = (0..3).map(|n| format!("held-{n}")).collect();
+    for key in &keys {
+        assert!(matches!(
+            ledger.claim(claim(user, key, b"f", true)).await,
+            Ok(ClaimResult::Inserted)
+        ));
+    }
+    for key in &keys {
+        let record = Record {
+            key: KeyId {
+                user_id: user,
+                key: key.clone(),
+            },
+            status: 409,
+            content_type: None,
+            body: key.clone().into_bytes(),
+            relaxed: true,
+        };
+        ledger.record_later(record).await.expect("queued");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let unrecorded: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM idempotency_keys WHERE user_id = $1 AND response_status IS NULL",
+    )
+    .bind(user)
+    .fetch_one(&app.pool)
+    .await
+    .unwrap();
+    assert_eq!(unrecorded, 3, "the records are held");
+
+    assert!(matches!(
+        ledger.claim(claim(user, "awaited", b"f", false)).await,
+        Ok(ClaimResult::Inserted)
+    ));
+    let written = writing_transactions(&app, user).await;
+    let transactions: std::collections::HashSet<&str> =
+        written.iter().map(|(_, xmin)| xmin.as_str()).collect();
+    assert_eq!(
+        transactions.len(),
+        1,
+        "the claim and the three records share its statement: {written:?}"
+    );
+    for key in &keys {
+        recorded(&app, user, key).await;
+    }
     app.stop().await;
 }

@@ -21,6 +21,11 @@ use uuid::Uuid;
 
 /// Writes waiting beyond this go into the next statement.
 const MAX_BATCH: usize = 512;
+/// How long records that nobody waits for are held for company. A key
+/// statement costs Postgres about as much for one write as for ten (its
+/// start and its commit dominate), and in a sale the records come one by
+/// one as the checkouts are answered.
+const HOLD_UNAWAITED: Duration = Duration::from_millis(10);
 
 /// A request's key: unique per user.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -50,6 +55,7 @@ pub enum ClaimResult {
     Unseen,
 }
 
+#[derive(Debug, Clone)]
 pub struct Claim {
     pub key: KeyId,
     pub fingerprint: Vec<u8>,
@@ -68,10 +74,15 @@ pub struct Record {
 
 enum Write {
     Claim(Claim, oneshot::Sender<Result<ClaimResult, String>>),
-    Record(Record, oneshot::Sender<Result<(), String>>),
+    /// A record, and whom to tell once it is written, if anyone waits.
+    Record(Record, Option<oneshot::Sender<Result<(), String>>>),
 }
 
 impl Write {
+    fn awaited(&self) -> bool {
+        !matches!(self, Write::Record(_, None))
+    }
+
     fn relaxed(&self) -> bool {
         match self {
             Write::Claim(claim, _) => claim.relaxed,
@@ -104,7 +115,13 @@ impl KeyLedger {
     /// [`crate::dedicated`]); the server runs it beside the checkout
     /// committer instead (see [`KeyLedger::new`]).
     pub fn start(pool: &PgPool) -> std::io::Result<Self> {
-        let (ledger, writing) = Self::new(pool);
+        Self::start_holding(pool, HOLD_UNAWAITED)
+    }
+
+    /// As [`KeyLedger::start`], holding records that nobody waits for up to
+    /// `hold` instead of `HOLD_UNAWAITED`.
+    pub fn start_holding(pool: &PgPool, hold: Duration) -> std::io::Result<Self> {
+        let (ledger, writing) = Self::holding(pool, hold);
         crate::dedicated::spawn("idempotency-keys", vec![writing])?;
         Ok(ledger)
     }
@@ -120,6 +137,10 @@ impl KeyLedger {
     /// sale). One statement is in flight at a time, on a connection the
     /// writer keeps (see `Writer`); the second is there for a reconnect.
     pub fn new(pool: &PgPool) -> (Self, BoxFuture<'static, ()>) {
+        Self::holding(pool, HOLD_UNAWAITED)
+    }
+
+    fn holding(pool: &PgPool, hold: Duration) -> (Self, BoxFuture<'static, ()>) {
         let options =
             crate::db::own_connection_options(pool, crate::db::application_names::IDEMPOTENCY_KEYS)
                 .options([("plan_cache_mode", "force_generic_plan")]);
@@ -132,7 +153,7 @@ impl KeyLedger {
             connection: None,
             last_used: Instant::now(),
         };
-        (Self { queue }, Box::pin(run(writer, receiver)))
+        (Self { queue }, Box::pin(run(writer, receiver, hold)))
     }
 
     pub async fn claim(&self, claim: Claim) -> Result<ClaimResult, LedgerError> {
@@ -142,14 +163,14 @@ impl KeyLedger {
 
     pub async fn record(&self, record: Record) -> Result<(), LedgerError> {
         let (reply, answer) = oneshot::channel();
-        self.send(Write::Record(record, reply), answer).await
+        self.send(Write::Record(record, Some(reply)), answer).await
     }
 
     /// Queues a record without waiting for it to be written; a failure is
-    /// logged by the writer.
+    /// logged by the writer. It may be held back for up to
+    /// `HOLD_UNAWAITED`, to share its statement.
     pub async fn record_later(&self, record: Record) -> Result<(), LedgerError> {
-        let (reply, _) = oneshot::channel();
-        self.enqueue(Write::Record(record, reply)).await
+        self.enqueue(Write::Record(record, None)).await
     }
 
     async fn enqueue(&self, write: Write) -> Result<(), LedgerError> {
@@ -187,7 +208,7 @@ struct Writer {
 /// How long the kept connection may sit unused before it is checked.
 const CHECK_AFTER_IDLE: Duration = Duration::from_secs(1);
 
-async fn run(mut writer: Writer, mut queue: mpsc::Receiver<Write>) {
+async fn run(mut writer: Writer, mut queue: mpsc::Receiver<Write>, hold: Duration) {
     let mut waiting: Vec<Write> = Vec::new();
     let mut deferred: Vec<Write> = Vec::new();
     loop {
@@ -195,6 +216,7 @@ async fn run(mut writer: Writer, mut queue: mpsc::Receiver<Write>) {
             if queue.recv_many(&mut waiting, MAX_BATCH).await == 0 {
                 return;
             }
+            hold_for_company(&mut waiting, &mut queue, hold).await;
         } else {
             // Writes deferred from the last statement go first; whatever
             // else is queued joins them.
@@ -220,6 +242,32 @@ async fn run(mut writer: Writer, mut queue: mpsc::Receiver<Write>) {
         metrics::histogram!("idempotency_key_batch_size").record(batch.len() as f64);
         write_batch(&mut writer, batch).await;
         waiting.append(&mut deferred);
+    }
+}
+
+/// While nobody waits for the writes in `waiting`, waits up to `hold` for
+/// more to join them; a write that someone waits for ends the wait, and so
+/// does a full batch or a closed queue.
+async fn hold_for_company(
+    waiting: &mut Vec<Write>,
+    queue: &mut mpsc::Receiver<Write>,
+    hold: Duration,
+) {
+    if waiting.iter().any(Write::awaited) {
+        return;
+    }
+    let until = tokio::time::Instant::now() + hold;
+    while waiting.len() < MAX_BATCH {
+        match tokio::time::timeout_at(until, queue.recv()).await {
+            Ok(Some(write)) => {
+                let awaited = write.awaited();
+                waiting.push(write);
+                if awaited {
+                    return;
+                }
+            }
+            Ok(None) | Err(_) => return,
+        }
     }
 }
 
@@ -249,7 +297,11 @@ async fn write_batch(writer: &mut Writer, batch: Vec<Write>) {
         }
     }
     let written = match writer.connection().await {
-        Ok(connection) => execute(connection, relaxed, &claims, &records).await,
+        Ok(connection) => {
+            let claimed: Vec<&Claim> = claims.iter().map(|(claim, _)| claim).collect();
+            let recorded: Vec<&Record> = records.iter().map(|(record, _)| record).collect();
+            execute(connection, relaxed, &claimed, &recorded).await
+        }
         Err(error) => Err(error),
     };
     if written.is_err() {
@@ -266,7 +318,7 @@ async fn write_batch(writer: &mut Writer, batch: Vec<Write>) {
                 };
                 let _ = reply.send(result);
             }
-            for (_, reply) in records {
+            for reply in records.into_iter().filter_map(|(_, reply)| reply) {
                 let _ = reply.send(Ok(()));
             }
         }
@@ -276,7 +328,7 @@ async fn write_batch(writer: &mut Writer, batch: Vec<Write>) {
             for (_, reply) in claims {
                 let _ = reply.send(Err(error.clone()));
             }
-            for (_, reply) in records {
+            for reply in records.into_iter().filter_map(|(_, reply)| reply) {
                 let _ = reply.send(Err(error.clone()));
             }
         }
@@ -365,21 +417,18 @@ ORDER BY c.n";
 async fn execute(
     connection: &mut PgConnection,
     relaxed: bool,
-    claims: &[(Claim, oneshot::Sender<Result<ClaimResult, String>>)],
-    records: &[(Record, oneshot::Sender<Result<(), String>>)],
+    claims: &[&Claim],
+    records: &[&Record],
 ) -> Result<Vec<ClaimRow>, sqlx::Error> {
-    let claim_users: Vec<Uuid> = claims.iter().map(|(c, _)| c.key.user_id).collect();
-    let claim_keys: Vec<&str> = claims.iter().map(|(c, _)| c.key.key.as_str()).collect();
-    let fingerprints: Vec<&[u8]> = claims.iter().map(|(c, _)| &c.fingerprint[..]).collect();
-    let leases: Vec<f64> = claims.iter().map(|(c, _)| c.lease_seconds).collect();
-    let record_users: Vec<Uuid> = records.iter().map(|(r, _)| r.key.user_id).collect();
-    let record_keys: Vec<&str> = records.iter().map(|(r, _)| r.key.key.as_str()).collect();
-    let statuses: Vec<i16> = records.iter().map(|(r, _)| r.status).collect();
-    let types: Vec<Option<&str>> = records
-        .iter()
-        .map(|(r, _)| r.content_type.as_deref())
-        .collect();
-    let bodies: Vec<&[u8]> = records.iter().map(|(r, _)| &r.body[..]).collect();
+    let claim_users: Vec<Uuid> = claims.iter().map(|c| c.key.user_id).collect();
+    let claim_keys: Vec<&str> = claims.iter().map(|c| c.key.key.as_str()).collect();
+    let fingerprints: Vec<&[u8]> = claims.iter().map(|c| &c.fingerprint[..]).collect();
+    let leases: Vec<f64> = claims.iter().map(|c| c.lease_seconds).collect();
+    let record_users: Vec<Uuid> = records.iter().map(|r| r.key.user_id).collect();
+    let record_keys: Vec<&str> = records.iter().map(|r| r.key.key.as_str()).collect();
+    let statuses: Vec<i16> = records.iter().map(|r| r.status).collect();
+    let types: Vec<Option<&str>> = records.iter().map(|r| r.content_type.as_deref()).collect();
+    let bodies: Vec<&[u8]> = records.iter().map(|r| &r.body[..]).collect();
     sqlx::query_as(WRITE_KEYS)
         .bind(relaxed)
         .bind(claim_users)
