@@ -7,7 +7,9 @@
 //! meanwhile waits briefly for it and then answers 409; a retry after the
 //! lease expired (the first attempt died) runs again, which is safe because
 //! commands are idempotent by ids derived from the key. Server errors are
-//! not stored, so they can be retried.
+//! not stored, so they can be retried. A checkout's key is claimed by the
+//! checkout committer with the rest of its batch, just before the checkout
+//! is decided (see `CLAIMED_BY_HANDLER`).
 
 use std::time::Duration;
 
@@ -21,7 +23,7 @@ use actix_web::web::{self, Bytes};
 use actix_web::{FromRequest, HttpMessage, HttpResponse};
 use sha2::{Digest, Sha256};
 use sqlx::PgPool;
-use tokio::sync::watch;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use uuid::Uuid;
 
 use self::ledger::{ClaimResult, KeyId, KeyLedger, StoredKey};
@@ -154,60 +156,90 @@ pub async fn idempotency(
         key: key.0,
         relaxed: required,
     };
-    let claimed = keyed.claim(fingerprint);
-
-    if !on_route(&READ_WHILE_CLAIMING) {
-        return match claimed.await? {
-            Claim::Run => keyed.finish(next.call(request).await).await,
-            Claim::Refused(refusal) => Ok(request.into_response(refusal.answer()?)),
-        };
+    if on_route(&CLAIMED_BY_HANDLER) {
+        let claim = Arc::new(HandlerClaim {
+            claim: keyed.claim_of(fingerprint.clone()),
+            state: Mutex::new(HandlerClaimState::Pending),
+        });
+        request
+            .extensions_mut()
+            .insert(KeyClaim(Some(Arc::clone(&claim))));
+        let response = next.call(request).await;
+        let state = *claim.lock();
+        return keyed.settle(state, &fingerprint, response).await;
     }
-    let (grant, granted) = watch::channel(None);
-    request.extensions_mut().insert(KeyClaim(Some(granted)));
-    let claimed = async {
-        let claimed = claimed.await;
-        let _ = grant.send(Some(matches!(claimed, Ok(Claim::Run))));
-        claimed
-    };
-    let (claimed, response) = tokio::join!(claimed, next.call(request));
-    match claimed? {
-        Claim::Run => keyed.finish(response).await,
-        // The handler stopped at `KeyClaim::granted`; what it answered is
-        // not this request's answer.
-        Claim::Refused(refusal) => {
-            let answer = refusal.answer()?;
-            match response {
-                Ok(response) => Ok(response.into_response(answer)),
-                Err(_) => Err(InternalError::from_response("replayed", answer).into()),
-            }
-        }
+    match keyed.claim(&fingerprint).await? {
+        Claim::Run => keyed.finish(next.call(request).await).await,
+        Claim::Refused(refusal) => Ok(request.into_response(refusal.answer()?)),
     }
 }
 
-/// Routes whose handler reads while the key is being claimed and waits for
-/// [`KeyClaim::granted`] before it changes anything. One after the other,
-/// the claim and a checkout's cart read took 8.3 of its 19.5 ms under load.
-const READ_WHILE_CLAIMING: [&str; 1] = ["/api/v1/checkout/"];
+/// Routes whose handler has its key claimed where it changes something
+/// (the checkout: by the committer, with the other keys of its batch, so
+/// that a key costs no statement of its own and no round trip before the
+/// checkout is decided), and whose key the middleware claims after the
+/// answer when the handler changed nothing. Such a handler must change
+/// nothing but through [`KeyClaim::for_commit`].
+const CLAIMED_BY_HANDLER: [&str; 1] = ["/api/v1/checkout/"];
 
-/// Whether this request may go on to change anything: on the routes that
-/// read while their key is claimed, the handler waits here first. Elsewhere
-/// the key was claimed before the handler started, and this is granted at
-/// once.
-#[derive(Debug, Clone)]
-pub struct KeyClaim(Option<watch::Receiver<Option<bool>>>);
+/// The key of a request on a route that claims it in its handler (see
+/// `CLAIMED_BY_HANDLER`); elsewhere the middleware claimed the key before
+/// the handler started, and there is nothing to do.
+#[derive(Clone)]
+pub struct KeyClaim(Option<Arc<HandlerClaim>>);
+
+pub struct HandlerClaim {
+    claim: ledger::Claim,
+    state: Mutex<HandlerClaimState>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum HandlerClaimState {
+    /// Nobody has claimed the key.
+    Pending,
+    /// Handed to the committer, which has not said that it claimed it.
+    Delegated,
+    /// Claimed: this request runs, and its answer is recorded.
+    Claimed,
+    /// The committer found the key taken; the middleware looks again.
+    Taken,
+}
+
+impl HandlerClaim {
+    fn lock(&self) -> MutexGuard<'_, HandlerClaimState> {
+        // The state is a plain value: a panic elsewhere cannot leave it
+        // half-written.
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
 
 impl KeyClaim {
-    /// `Err` when the request must not run (its key is replayed, reused or
-    /// in progress); the middleware answers in its place.
-    pub async fn granted(&self) -> Result<(), ApiError> {
-        let Some(granted) = &self.0 else {
-            return Ok(());
-        };
-        let mut granted = granted.clone();
-        match granted.wait_for(Option::is_some).await.map(|g| *g) {
-            Ok(Some(true)) => Ok(()),
-            _ => Err(ApiError::IdempotencyInProgress),
+    /// The claim for the committer to make, the first time only: once the
+    /// key is claimed, later commits of the same request need none.
+    pub fn for_commit(&self) -> Option<ledger::Claim> {
+        let claim = self.0.as_ref()?;
+        let mut state = claim.lock();
+        (*state == HandlerClaimState::Pending).then(|| {
+            *state = HandlerClaimState::Delegated;
+            claim.claim.clone()
+        })
+    }
+
+    /// The committer claimed the key.
+    pub fn claimed_by_commit(&self) {
+        if let Some(claim) = &self.0 {
+            *claim.lock() = HandlerClaimState::Claimed;
         }
+    }
+
+    /// The committer found the key taken. The error returned is a
+    /// placeholder: the middleware answers in its place (a replay, a reuse,
+    /// or a request still in progress).
+    pub fn taken(&self) -> ApiError {
+        if let Some(claim) = &self.0 {
+            *claim.lock() = HandlerClaimState::Taken;
+        }
+        ApiError::IdempotencyInProgress
     }
 }
 
@@ -249,15 +281,75 @@ struct Keyed {
 
 impl Keyed {
     /// Claims the key, waiting a little for a first request still running.
-    async fn claim(&self, fingerprint: Vec<u8>) -> Result<Claim, ApiError> {
+    async fn claim(&self, fingerprint: &[u8]) -> Result<Claim, ApiError> {
         let deadline = tokio::time::Instant::now() + WAIT_FOR_FIRST;
         loop {
-            match self.claim_once(&fingerprint).await? {
+            match self.claim_once(fingerprint).await? {
                 Claim::Refused(Refusal::InProgress) if tokio::time::Instant::now() < deadline => {
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
                 claim => return Ok(claim),
             }
+        }
+    }
+
+    /// The claim of this key, for a handler to have made (see
+    /// `CLAIMED_BY_HANDLER`).
+    fn claim_of(&self, fingerprint: Vec<u8>) -> ledger::Claim {
+        ledger::Claim {
+            key: KeyId {
+                user_id: self.user_id,
+                key: self.key.clone(),
+            },
+            fingerprint,
+            lease_seconds: LEASE.as_secs_f64(),
+            relaxed: self.relaxed,
+        }
+    }
+
+    /// Answers a request whose handler was to claim its key, by what became
+    /// of the claim.
+    async fn settle(
+        self,
+        state: HandlerClaimState,
+        fingerprint: &[u8],
+        response: Result<ServiceResponse<BoxBody>, actix_web::Error>,
+    ) -> Result<ServiceResponse<BoxBody>, actix_web::Error> {
+        let changed_nothing = match state {
+            HandlerClaimState::Claimed => return self.finish(response).await,
+            // The committer did not say whether it claimed the key (its
+            // claim failed, or the answer was lost): the key is left as it
+            // is, and a retry finds it or not.
+            HandlerClaimState::Delegated => return response,
+            HandlerClaimState::Pending => true,
+            HandlerClaimState::Taken => false,
+        };
+        let failed = match &response {
+            Ok(response) => response.status().is_server_error(),
+            Err(_) => true,
+        };
+        if changed_nothing && failed {
+            // A failure that changed nothing: nothing to record either.
+            return response;
+        }
+        let refusal = match self.claim(fingerprint).await {
+            Ok(Claim::Refused(refusal)) => refusal,
+            // The handler changed nothing: its answer is this request's,
+            // recorded as any other.
+            Ok(Claim::Run) if changed_nothing => return self.finish(response).await,
+            // The committer found the key taken and it has gone since (its
+            // request failed on our side): this request did nothing, so
+            // the client retries.
+            Ok(Claim::Run) => {
+                release(&self.pool, self.user_id, &self.key).await;
+                Refusal::InProgress
+            }
+            Err(error) => return Err(error.into()),
+        };
+        let answer = refusal.answer()?;
+        match response {
+            Ok(response) => Ok(response.into_response(answer)),
+            Err(_) => Err(InternalError::from_response("replayed", answer).into()),
         }
     }
 
@@ -364,15 +456,7 @@ impl Keyed {
             key,
             relaxed,
         } = self;
-        let claim = ledger::Claim {
-            key: KeyId {
-                user_id: *user_id,
-                key: key.clone(),
-            },
-            fingerprint: fingerprint.to_vec(),
-            lease_seconds: LEASE.as_secs_f64(),
-            relaxed: *relaxed,
-        };
+        let claim = self.claim_of(fingerprint.to_vec());
         let stored = match ledger.claim(claim).await.map_err(ApiError::internal)? {
             ClaimResult::Inserted => return Ok(Claim::Run),
             // Inserted by a request still running, or released after a server

@@ -7,7 +7,10 @@
 //! that moment. The order id comes from the idempotency key, so a retry
 //! finds the order its first attempt placed. The answer is built from the
 //! decided events; reads of the order and the cart afterwards wait for
-//! their read models where needed (see `orders` and `cart`).
+//! their read models where needed (see `orders` and `cart`). The request's
+//! idempotency key is claimed by the committer, before it decides the
+//! checkout, or after the answer when nothing was handed to it (see
+//! [`KeyClaim`]).
 
 use actix_web::{post, web, HttpRequest, HttpResponse};
 use chrono::{DateTime, SubsecRound, Utc};
@@ -77,16 +80,13 @@ pub async fn check_out(
         // when they differ, the next read goes to the carts read model,
         // which by then holds every change of the cart.
         let items = if read == 0 {
-            // Read while the key is claimed; nothing is changed before the
-            // claim is granted.
-            let (granted, cart) = tokio::join!(claim.granted(), cart_view(state, user.id));
-            granted?;
-            cart?.items
+            cart_view(state, user.id).await?.items
         } else {
             cart_lines(&state.pool, user.id).await?
         };
         if items.is_empty() {
             // A retry of a checkout that got through finds the cart empty.
+            // Nothing changes here, so the key is claimed after the answer.
             return placed_order(state, order_id).await?.ok_or_else(empty_cart);
         }
         let mut lines = items
@@ -104,18 +104,22 @@ pub async fn check_out(
             placed_at: now,
             expires_at,
             metadata: metadata.clone(),
+            // Claimed by the committer with the other keys of its batch,
+            // the first time only.
+            key: claim.for_commit(),
         };
-        let outcome = state
-            .checkouts
-            .check_out(request)
-            .await
-            .map_err(|error| match error {
-                CheckoutError::Contention => {
-                    ApiError::from_command(CommandError::<OrderError>::Contention, order_rejection)
-                }
-                CheckoutError::Store(message) => ApiError::internal(anyhow::anyhow!(message)),
-            })?;
+        let answer = state.checkouts.check_out(request).await;
+        if answer.key_claimed {
+            claim.claimed_by_commit();
+        }
+        let outcome = answer.outcome.map_err(|error| match error {
+            CheckoutError::Contention => {
+                ApiError::from_command(CommandError::<OrderError>::Contention, order_rejection)
+            }
+            CheckoutError::Store(message) => ApiError::internal(anyhow::anyhow!(message)),
+        })?;
         match outcome {
+            CheckoutOutcome::KeyTaken => return Err(claim.taken()),
             CheckoutOutcome::Placed { placed, .. } => return placed_view(placed),
             CheckoutOutcome::AlreadyPlaced => {
                 return placed_order(state, order_id).await?.ok_or_else(|| {

@@ -8,7 +8,10 @@
 //! decides them one after another against in-memory copies of the items and
 //! carts, and stores all of their events, and their deadline rows, in one
 //! transaction. A checkout is all or nothing inside that transaction, so a
-//! short line never holds stock it has to give back.
+//! short line never holds stock it has to give back. Before it decides a
+//! batch it claims the idempotency keys of its checkouts, all in one
+//! statement, and decides only those whose key it claimed (see
+//! [`crate::http::idempotency`]).
 //!
 //! The task runs on a thread of its own, with the idempotency key writer
 //! ([`crate::dedicated`]), and works on
@@ -49,6 +52,7 @@ use uuid::Uuid;
 use crate::event_store::{
     appended, serialize_events, AppendError, EventColumns, EventStore, Metadata, NewEvent,
 };
+use crate::http::idempotency::ledger::{self, ClaimResult};
 use crate::http::problem::ShortLine;
 use crate::shop::cart::cart_key;
 use projections::cache::VersionedCache;
@@ -81,6 +85,19 @@ pub struct CheckoutRequest {
     pub placed_at: DateTime<Utc>,
     pub expires_at: DateTime<Utc>,
     pub metadata: Metadata,
+    /// The request's idempotency key, when it is the committer's to claim;
+    /// the checkout is decided only if the claim inserts it.
+    pub key: Option<ledger::Claim>,
+}
+
+/// The committer's answer to one checkout.
+#[derive(Debug)]
+pub struct CheckoutAnswer {
+    /// Whether the committer claimed the checkout's key (it was asked to,
+    /// and the key was new): from then on the key is the caller's, also
+    /// when the outcome is an error.
+    pub key_claimed: bool,
+    pub outcome: Result<CheckoutOutcome, CheckoutError>,
 }
 
 /// What became of a checkout.
@@ -99,6 +116,9 @@ pub enum CheckoutOutcome {
     Short(Vec<ShortLine>),
     /// The order itself was refused (mixed currencies, say).
     Refused(OrderError),
+    /// The key was there already (another request with it ran or runs, or
+    /// came twice in one batch): nothing was decided.
+    KeyTaken,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -109,11 +129,21 @@ pub enum CheckoutError {
     Store(String),
 }
 
-type Reply = oneshot::Sender<Result<CheckoutOutcome, CheckoutError>>;
+type Reply = oneshot::Sender<CheckoutAnswer>;
 
 struct Job {
     request: CheckoutRequest,
     reply: Reply,
+    key_claimed: bool,
+}
+
+impl Job {
+    fn answer(self, outcome: Result<CheckoutOutcome, CheckoutError>) {
+        let _ = self.reply.send(CheckoutAnswer {
+            key_claimed: self.key_claimed,
+            outcome,
+        });
+    }
 }
 
 /// Hands checkouts to this instance's committing task.
@@ -138,20 +168,23 @@ impl CheckoutCommitter {
         (Self { queue }, Box::pin(worker.run(receiver)))
     }
 
-    pub async fn check_out(
-        &self,
-        request: CheckoutRequest,
-    ) -> Result<CheckoutOutcome, CheckoutError> {
-        let (reply, answer) = oneshot::channel();
-        self.queue
-            .send(Job { request, reply })
-            .await
-            .map_err(|_| CheckoutError::Store("the checkout committer stopped".into()))?;
-        answer.await.unwrap_or_else(|_| {
-            Err(CheckoutError::Store(
+    pub async fn check_out(&self, request: CheckoutRequest) -> CheckoutAnswer {
+        let stopped = || CheckoutAnswer {
+            key_claimed: false,
+            outcome: Err(CheckoutError::Store(
                 "the checkout committer stopped".into(),
-            ))
-        })
+            )),
+        };
+        let (reply, answer) = oneshot::channel();
+        let job = Job {
+            request,
+            reply,
+            key_claimed: false,
+        };
+        if self.queue.send(job).await.is_err() {
+            return stopped();
+        }
+        answer.await.unwrap_or_else(|_| stopped())
     }
 }
 
@@ -298,6 +331,10 @@ impl Worker {
     }
 
     async fn commit(&mut self, jobs: Vec<Job>) {
+        let jobs = self.claim_keys(jobs).await;
+        if jobs.is_empty() {
+            return;
+        }
         let requests: Vec<&CheckoutRequest> = jobs.iter().map(|job| &job.request).collect();
         let mut attempt = 0;
         let answers = loop {
@@ -335,8 +372,64 @@ impl Worker {
             }
         };
         for (job, answer) in jobs.into_iter().zip(answers) {
-            let _ = job.reply.send(answer);
+            job.answer(answer);
         }
+    }
+
+    /// Claims the keys the checkouts bring, in one statement on this
+    /// committer's connection, and answers the checkouts whose key it did
+    /// not claim; the others are returned to be decided. The claims commit
+    /// on their own, before the batch's events: a retry of the batch after a
+    /// conflict does not claim again.
+    async fn claim_keys(&mut self, jobs: Vec<Job>) -> Vec<Job> {
+        let claims: Vec<&ledger::Claim> = jobs
+            .iter()
+            .filter_map(|job| job.request.key.as_ref())
+            .collect();
+        if claims.is_empty() {
+            return jobs;
+        }
+        let claimed = match self.open_connection().await {
+            Ok(mut connection) => {
+                let claimed = ledger::claim_keys(&mut connection, &claims).await;
+                self.put_back(connection, claimed.is_ok());
+                claimed
+            }
+            Err(error) => Err(error),
+        };
+        let mut results = match claimed {
+            Ok(results) => results.into_iter(),
+            Err(error) => {
+                tracing::error!(%error, "checkout key claims failed");
+                let message = format!("the checkouts' keys could not be claimed: {error}");
+                let (unclaimed, keyless): (Vec<Job>, Vec<Job>) =
+                    jobs.into_iter().partition(|job| job.request.key.is_some());
+                for job in unclaimed {
+                    job.answer(Err(CheckoutError::Store(message.clone())));
+                }
+                return keyless;
+            }
+        };
+        let mut to_decide = Vec::with_capacity(jobs.len());
+        for mut job in jobs {
+            if job.request.key.is_none() {
+                to_decide.push(job);
+                continue;
+            }
+            match results.next() {
+                Some(ClaimResult::Inserted) => {
+                    job.key_claimed = true;
+                    to_decide.push(job);
+                }
+                Some(ClaimResult::Existing(_) | ClaimResult::Unseen) => {
+                    job.answer(Ok(CheckoutOutcome::KeyTaken));
+                }
+                None => job.answer(Err(CheckoutError::Store(
+                    "a checkout's key claim got no answer".into(),
+                ))),
+            }
+        }
+        to_decide
     }
 
     async fn attempt(&mut self, requests: &[&CheckoutRequest]) -> Result<Attempt, sqlx::Error> {

@@ -389,6 +389,34 @@ async fn checkout_needs_an_idempotency_key_and_a_cart() {
 }
 
 #[tokio::test]
+async fn a_checkout_refused_before_the_committer_replays_its_refusal() {
+    let app = spawn_app().await;
+    let admin = TestUser::create_admin(&app).await;
+    let variant = product_with_stock(&app, &admin, 10).await;
+    let buyer = TestUser::register_customer(&app).await;
+
+    // The handler changes nothing here, so its key is claimed after the
+    // answer, and the answer recorded as any other.
+    problem(
+        checkout(&app, &buyer, "too-soon").await,
+        422,
+        "validation_failed",
+    )
+    .await;
+    crate::idempotency::recorded(&app, buyer.id, "too-soon").await;
+    assert_eq!(add_to_cart(&app, &buyer, variant, 1).await.status(), 200);
+    let retried = checkout(&app, &buyer, "too-soon").await;
+    assert_eq!(retried.headers()["idempotent-replayed"], "true");
+    problem(retried, 422, "validation_failed").await;
+    assert_eq!(
+        counts(&stock(&app, &admin, variant).await),
+        (10, 0, 10),
+        "the replay reserved nothing"
+    );
+    assert_eq!(checkout(&app, &buyer, "in-time").await.status(), 201);
+}
+
+#[tokio::test]
 async fn checkout_holds_the_stock_empties_the_cart_and_replays_for_the_same_key() {
     let app = spawn_app().await;
     let admin = TestUser::create_admin(&app).await;
@@ -447,6 +475,7 @@ async fn the_serial_stages_name_their_postgres_connections() {
     let variant = product_with_stock(&app, &admin, 10).await;
     let buyer = buyer_with_cart(&app, variant, 1).await;
     assert_eq!(checkout(&app, &buyer, "named-1").await.status(), 201);
+    crate::idempotency::recorded(&app, buyer.id, "named-1").await;
 
     // The bench's CPU split and an operator's pg_stat_activity tell the
     // committer's and the key writer's backends apart by these names.

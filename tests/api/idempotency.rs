@@ -5,7 +5,9 @@
 
 use std::time::Duration;
 
-use commerce::http::idempotency::ledger::{Claim, ClaimResult, KeyId, KeyLedger, Record};
+use commerce::http::idempotency::ledger::{
+    claim_keys, Claim, ClaimResult, KeyId, KeyLedger, Record,
+};
 use serde_json::json;
 use uuid::Uuid;
 
@@ -315,8 +317,8 @@ async fn a_refused_checkout_replays_its_refusal_and_places_nothing_after_a_resto
         )
         .await;
     assert_eq!(restock.status(), 200);
-    // The handler reads the cart while the key is claimed; the claim finds
-    // the refusal, so the checkout must not go on to place the order.
+    // The committer claims the key before it decides; the claim finds the
+    // refusal, so the checkout must not go on to place the order.
     let retried = checkout(&app, &buyer, "too-early").await;
     assert_eq!(retried.headers()["idempotent-replayed"], "true");
     problem(retried, 409, "insufficient_stock").await;
@@ -441,6 +443,84 @@ async fn a_record_stays_on_the_page_of_its_claim() {
         .map(|(claimed, _)| &claimed.0)
         .collect();
     assert!(moved.is_empty(), "records that left their page: {moved:?}");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_batch_of_claims_shares_a_statement_and_each_gets_its_answer() {
+    let app = spawn_app().await;
+    let ledger = KeyLedger::start(&app.pool).expect("the key writer starts");
+    let user = Uuid::new_v4();
+    assert!(matches!(
+        ledger.claim(claim(user, "answered", b"first", true)).await,
+        Ok(ClaimResult::Inserted)
+    ));
+    let record = Record {
+        key: KeyId {
+            user_id: user,
+            key: "answered".into(),
+        },
+        status: 201,
+        content_type: Some("application/json".into()),
+        body: b"{}".to_vec(),
+        relaxed: false,
+    };
+    ledger.record(record).await.expect("record");
+    assert!(matches!(
+        ledger.claim(claim(user, "running", b"first", true)).await,
+        Ok(ClaimResult::Inserted)
+    ));
+
+    // As the checkout committer claims its batch's keys, on a connection
+    // of its own.
+    let batch = [
+        claim(user, "new", b"n", true),
+        claim(user, "answered", b"other", true),
+        claim(user, "new", b"n", true),
+        claim(user, "running", b"first", true),
+        claim(user, "also-new", b"n", true),
+    ];
+    let mut connection = app.pool.acquire().await.unwrap();
+    let results = claim_keys(&mut connection, &batch.iter().collect::<Vec<_>>())
+        .await
+        .expect("one statement");
+
+    assert!(matches!(results[0], ClaimResult::Inserted), "{results:?}");
+    let ClaimResult::Existing(stored) = &results[1] else {
+        panic!("the answered key is there: {results:?}");
+    };
+    assert_eq!(
+        (
+            stored.fingerprint.as_slice(),
+            stored.status,
+            stored.lease_alive
+        ),
+        (&b"first"[..], Some(201), false),
+        "shown as stored, whatever the fingerprint asked with"
+    );
+    assert!(
+        matches!(results[2], ClaimResult::Unseen),
+        "a key twice in one batch is claimed once; the second looks again: {results:?}"
+    );
+    let ClaimResult::Existing(stored) = &results[3] else {
+        panic!("the running key is there: {results:?}");
+    };
+    assert!(stored.lease_alive && stored.status.is_none());
+    assert!(matches!(results[4], ClaimResult::Inserted), "{results:?}");
+    let written = writing_transactions(&app, user).await;
+    let new_keys: std::collections::HashSet<&str> = written
+        .iter()
+        .filter(|(key, _)| key == "new" || key == "also-new")
+        .map(|(_, xmin)| xmin.as_str())
+        .collect();
+    assert_eq!(new_keys.len(), 1, "one statement claimed both: {written:?}");
+    let claimed_once: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM idempotency_keys WHERE user_id = $1")
+            .bind(user)
+            .fetch_one(&app.pool)
+            .await
+            .unwrap();
+    assert_eq!(claimed_once, 4);
     app.stop().await;
 }
 

@@ -8,7 +8,9 @@
 //! semantics are those of one `INSERT .. ON CONFLICT DO NOTHING` per claim
 //! and one `UPDATE` per record; rare paths (taking over an expired lease,
 //! releasing a key after a server error) stay single statements in the
-//! middleware.
+//! middleware. A checkout's key is claimed by the checkout committer instead,
+//! on its own connection with the other keys of its batch ([`claim_keys`]),
+//! and only its record comes here.
 
 use std::time::{Duration, Instant};
 
@@ -413,6 +415,40 @@ LEFT JOIN LATERAL (
     WHERE s.user_id = c.user_id AND s.key = c.key LIMIT 1
 ) k ON true
 ORDER BY c.n";
+
+/// Claims keys in one statement on the caller's connection: the checkout
+/// committer claims its batch's keys this way, before it decides anything.
+/// Each claim gets the answer the writer's would; a key that comes twice is
+/// claimed once, and its second claim answered `Unseen` (look again).
+pub async fn claim_keys(
+    connection: &mut PgConnection,
+    claims: &[&Claim],
+) -> Result<Vec<ClaimResult>, sqlx::Error> {
+    let mut keys = std::collections::HashSet::with_capacity(claims.len());
+    let unique: Vec<&Claim> = claims
+        .iter()
+        .copied()
+        .filter(|claim| keys.insert(&claim.key))
+        .collect();
+    let relaxed = unique.iter().all(|claim| claim.relaxed);
+    let mut rows = execute(connection, relaxed, &unique, &[])
+        .await?
+        .into_iter();
+    // The statement answers the distinct keys in order; a repeated key is
+    // answered after its first claim's row was taken.
+    let mut answered = std::collections::HashSet::with_capacity(claims.len());
+    claims
+        .iter()
+        .map(|claim| {
+            if !answered.insert(&claim.key) {
+                return Ok(ClaimResult::Unseen);
+            }
+            rows.next()
+                .map(ClaimRow::into_result)
+                .ok_or_else(|| sqlx::Error::Protocol("a claim got no answer".to_owned()))
+        })
+        .collect()
+}
 
 async fn execute(
     connection: &mut PgConnection,
