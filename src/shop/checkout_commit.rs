@@ -8,10 +8,12 @@
 //! decides them one after another against in-memory copies of the items and
 //! carts, and stores all of their events, and their deadline rows, in one
 //! transaction. A checkout is all or nothing inside that transaction, so a
-//! short line never holds stock it has to give back. Before it decides a
-//! batch it claims the idempotency keys of its checkouts, all in one
-//! statement, and decides only those whose key it claimed (see
-//! [`crate::http::idempotency`]).
+//! short line never holds stock it has to give back. The same transaction
+//! claims the checkouts' idempotency keys (see [`crate::http::idempotency`]),
+//! so that a checkout is decided only on a key that was new: a key that is
+//! there already fails the statement, and the committer then claims the
+//! batch's keys in a statement of their own, answers the checkouts whose
+//! key was taken, and decides the rest again.
 //!
 //! The task runs on a thread of its own, with the idempotency key writer
 //! ([`crate::dedicated`]), and works on
@@ -222,6 +224,8 @@ enum Attempt {
         checked_out: Vec<(Uuid, i64)>,
     },
     Conflict,
+    /// A key the batch claimed was there already; nothing was stored.
+    KeysTaken,
 }
 
 /// The batch's working copies, which become the worker's only on commit.
@@ -330,29 +334,44 @@ impl Worker {
         }
     }
 
-    async fn commit(&mut self, jobs: Vec<Job>) {
-        let jobs = self.claim_keys(jobs).await;
-        if jobs.is_empty() {
-            return;
-        }
-        let requests: Vec<&CheckoutRequest> = jobs.iter().map(|job| &job.request).collect();
+    async fn commit(&mut self, mut jobs: Vec<Job>) {
         let mut attempt = 0;
         let answers = loop {
             attempt += 1;
-            match self.attempt(&requests).await {
+            let requests: Vec<&CheckoutRequest> = jobs.iter().map(|job| &job.request).collect();
+            // Keys not yet claimed are claimed in the batch's own statement.
+            let claims: Vec<&ledger::Claim> = jobs
+                .iter()
+                .filter(|job| !job.key_claimed)
+                .filter_map(|job| job.request.key.as_ref())
+                .collect();
+            match self.attempt(&requests, &claims).await {
                 Ok(Attempt::Committed {
                     outcomes,
                     checked_out,
                 }) => {
+                    for job in &mut jobs {
+                        job.key_claimed |= job.request.key.is_some();
+                    }
                     self.drop_cached_carts(&checked_out).await;
                     break outcomes;
+                }
+                Ok(Attempt::KeysTaken) => {
+                    // A key of the batch was there already (a retry, or a
+                    // key twice in the batch): nothing was stored. The keys
+                    // are claimed on their own, the checkouts whose key
+                    // was taken answered, and the rest decided again.
+                    jobs = self.claim_keys(jobs).await;
+                    if jobs.is_empty() {
+                        return;
+                    }
                 }
                 Ok(Attempt::Conflict) if attempt < MAX_ATTEMPTS => {
                     let pause = rand::rng().random_range(1..=(1u64 << attempt.min(5)));
                     tokio::time::sleep(Duration::from_millis(pause)).await;
                 }
                 Ok(Attempt::Conflict) => {
-                    break requests
+                    break jobs
                         .iter()
                         .map(|_| Err(CheckoutError::Contention))
                         .collect::<Vec<_>>()
@@ -364,7 +383,7 @@ impl Worker {
                     self.items.clear();
                     self.carts.clear();
                     let message = error.to_string();
-                    break requests
+                    break jobs
                         .iter()
                         .map(|_| Err(CheckoutError::Store(message.clone())))
                         .collect();
@@ -376,14 +395,13 @@ impl Worker {
         }
     }
 
-    /// Claims the keys the checkouts bring, in one statement on this
-    /// committer's connection, and answers the checkouts whose key it did
-    /// not claim; the others are returned to be decided. The claims commit
-    /// on their own, before the batch's events: a retry of the batch after a
-    /// conflict does not claim again.
+    /// Claims the keys the checkouts bring that are not claimed yet, in one
+    /// statement of their own, and answers the checkouts whose key it did
+    /// not claim; the others are returned to be decided again.
     async fn claim_keys(&mut self, jobs: Vec<Job>) -> Vec<Job> {
         let claims: Vec<&ledger::Claim> = jobs
             .iter()
+            .filter(|job| !job.key_claimed)
             .filter_map(|job| job.request.key.as_ref())
             .collect();
         if claims.is_empty() {
@@ -402,17 +420,18 @@ impl Worker {
             Err(error) => {
                 tracing::error!(%error, "checkout key claims failed");
                 let message = format!("the checkouts' keys could not be claimed: {error}");
-                let (unclaimed, keyless): (Vec<Job>, Vec<Job>) =
-                    jobs.into_iter().partition(|job| job.request.key.is_some());
+                let (unclaimed, claimed): (Vec<Job>, Vec<Job>) = jobs
+                    .into_iter()
+                    .partition(|job| job.request.key.is_some() && !job.key_claimed);
                 for job in unclaimed {
                     job.answer(Err(CheckoutError::Store(message.clone())));
                 }
-                return keyless;
+                return claimed;
             }
         };
         let mut to_decide = Vec::with_capacity(jobs.len());
         for mut job in jobs {
-            if job.request.key.is_none() {
+            if job.request.key.is_none() || job.key_claimed {
                 to_decide.push(job);
                 continue;
             }
@@ -432,11 +451,15 @@ impl Worker {
         to_decide
     }
 
-    async fn attempt(&mut self, requests: &[&CheckoutRequest]) -> Result<Attempt, sqlx::Error> {
+    async fn attempt(
+        &mut self,
+        requests: &[&CheckoutRequest],
+        claims: &[&ledger::Claim],
+    ) -> Result<Attempt, sqlx::Error> {
         let item_ids = item_ids(requests.iter().copied());
         let mut connection = self.open_connection().await?;
         let result = self
-            .attempt_locked(&mut connection, requests, &item_ids)
+            .attempt_locked(&mut connection, requests, claims, &item_ids)
             .await;
         self.put_back(connection, result.is_ok());
         result
@@ -518,6 +541,7 @@ impl Worker {
         &mut self,
         connection: &mut PgConnection,
         requests: &[&CheckoutRequest],
+        claims: &[&ledger::Claim],
         item_ids: &BTreeSet<Uuid>,
     ) -> Result<Attempt, sqlx::Error> {
         self.hold_items(connection, item_ids).await?;
@@ -544,8 +568,9 @@ impl Worker {
                 }
             }
         }
-        let position = match store_events_and_deadlines(connection, &events, &deadlines).await {
-            Ok(position) => position,
+        let position = match store_batch(connection, &events, &deadlines, claims).await {
+            Ok(Stored::Appended(position)) => position,
+            Ok(Stored::KeysTaken) => return Ok(Attempt::KeysTaken),
             Err(AppendError::Conflict) => return Ok(Attempt::Conflict),
             Err(AppendError::Database(error)) => return Err(error),
         };
@@ -857,16 +882,30 @@ fn qualified_columns() -> String {
         .join(", ")
 }
 
-/// Stores the events and the deadline rows in one statement, which commits
-/// as one transaction: no order without its deadline, no deadline without
-/// its order.
-async fn store_events_and_deadlines(
+/// What storing a batch did.
+enum Stored {
+    /// Everything was stored; the position of the last event, if any.
+    Appended(Option<GlobalPosition>),
+    /// A key to claim was there already: nothing was stored.
+    KeysTaken,
+}
+
+const IDEMPOTENCY_KEYS_PRIMARY_KEY: &str = "idempotency_keys_pkey";
+
+/// Stores the events, the deadline rows and the claims of the keys not yet
+/// claimed in one statement, which commits as one transaction: no order
+/// without its deadline, no deadline without its order, and no checkout
+/// decided on a key that another request holds. A key that is there
+/// already fails the whole statement (its insert is a plain one), as an
+/// event whose sequence is taken does.
+async fn store_batch(
     connection: &mut PgConnection,
     events: &[NewEvent],
     deadlines: &[Deadline],
-) -> Result<Option<GlobalPosition>, AppendError> {
-    if events.is_empty() {
-        return Ok(None);
+    claims: &[&ledger::Claim],
+) -> Result<Stored, AppendError> {
+    if events.is_empty() && claims.is_empty() {
+        return Ok(Stored::Appended(None));
     }
     // Variant ids travel as one text per order (Postgres has no array of
     // arrays of different lengths); the cast rebuilds each uuid[].
@@ -880,6 +919,12 @@ async fn store_events_and_deadlines(
             format!("{{{}}}", ids.join(","))
         })
         .collect();
+    let key_users: Vec<Uuid> = claims.iter().map(|c| c.key.user_id).collect();
+    let keys: Vec<&str> = claims.iter().map(|c| c.key.key.as_str()).collect();
+    let fingerprints: Vec<&[u8]> = claims.iter().map(|c| &c.fingerprint[..]).collect();
+    let leases: Vec<f64> = claims.iter().map(|c| c.lease_seconds).collect();
+    // Keys are inserted in key order, as the key writer inserts them, so
+    // that two statements never wait on each other's keys in a cycle.
     let sql = format!(
         "WITH appended AS ({}), \
               deadlines AS ( \
@@ -887,18 +932,39 @@ async fn store_events_and_deadlines(
                 SELECT order_id, user_id, due_at, variant_ids::uuid[] \
                 FROM UNNEST($8::uuid[], $9::uuid[], $10::timestamptz[], $11::text[]) \
                      AS d(order_id, user_id, due_at, variant_ids) \
-                ON CONFLICT (order_id) DO NOTHING) \
+                ON CONFLICT (order_id) DO NOTHING), \
+              claimed AS ( \
+                INSERT INTO idempotency_keys (user_id, key, fingerprint, leased_until) \
+                SELECT user_id, key, fingerprint, now() + make_interval(secs => lease_seconds) \
+                FROM UNNEST($12::uuid[], $13::text[], $14::bytea[], $15::float8[]) \
+                     AS k(user_id, key, fingerprint, lease_seconds) \
+                ORDER BY user_id, key) \
          SELECT max(txid), max(position) FROM appended",
         EventColumns::INSERT
     );
     let columns = EventColumns::new(events);
-    let result = columns
+    let result: Result<(Option<i64>, Option<i64>), sqlx::Error> = columns
         .bind(sqlx::query_as(&sql))
         .bind(&order_ids)
         .bind(&user_ids)
         .bind(&due)
         .bind(&variants)
+        .bind(&key_users)
+        .bind(&keys)
+        .bind(&fingerprints)
+        .bind(&leases)
         .fetch_one(connection)
         .await;
-    appended(result, events.len())
+    match result {
+        Ok((Some(txid), Some(position))) => {
+            appended(Ok((txid, position)), events.len()).map(Stored::Appended)
+        }
+        Ok(_) => Ok(Stored::Appended(None)),
+        Err(sqlx::Error::Database(error))
+            if error.constraint() == Some(IDEMPOTENCY_KEYS_PRIMARY_KEY) =>
+        {
+            Ok(Stored::KeysTaken)
+        }
+        Err(error) => appended(Err(error), events.len()).map(Stored::Appended),
+    }
 }
