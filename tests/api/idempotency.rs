@@ -472,7 +472,7 @@ async fn a_batch_of_claims_shares_a_statement_and_each_gets_its_answer() {
     ));
 
     // As the checkout committer claims its batch's keys, on a connection
-    // of its own.
+    // of its own, once its batch's statement found one of them taken.
     let batch = [
         claim(user, "new", b"n", true),
         claim(user, "answered", b"other", true),

@@ -8,9 +8,9 @@
 //! semantics are those of one `INSERT .. ON CONFLICT DO NOTHING` per claim
 //! and one `UPDATE` per record; rare paths (taking over an expired lease,
 //! releasing a key after a server error) stay single statements in the
-//! middleware. A checkout's key is claimed by the checkout committer instead,
-//! on its own connection with the other keys of its batch ([`claim_keys`]),
-//! and only its record comes here.
+//! middleware. A checkout's key is claimed by the checkout committer
+//! instead, in the transaction that stores the checkout, and only its record
+//! comes here.
 
 use std::time::{Duration, Instant};
 
@@ -417,7 +417,8 @@ LEFT JOIN LATERAL (
 ORDER BY c.n";
 
 /// Claims keys in one statement on the caller's connection: the checkout
-/// committer claims its batch's keys this way, before it decides anything.
+/// committer claims its batch's keys this way when its own statement found
+/// one of them taken.
 /// Each claim gets the answer the writer's would; a key that comes twice is
 /// claimed once, and its second claim answered `Unseen` (look again).
 pub async fn claim_keys(
