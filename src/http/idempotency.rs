@@ -8,9 +8,10 @@
 //! lease expired (the first attempt died) runs again, which is safe because
 //! commands are idempotent by ids derived from the key. Server errors are
 //! not stored, so they can be retried. A checkout's key is claimed by the
-//! checkout committer with the rest of its batch, just before the checkout
-//! is decided (see `CLAIMED_BY_HANDLER`).
+//! checkout committer, in the transaction that stores the checkout (see
+//! `CLAIMED_BY_HANDLER`).
 
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use actix_web::body::{self, BoxBody, MessageBody};
@@ -23,7 +24,6 @@ use actix_web::web::{self, Bytes};
 use actix_web::{FromRequest, HttpMessage, HttpResponse};
 use sha2::{Digest, Sha256};
 use sqlx::PgPool;
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use uuid::Uuid;
 
 use self::ledger::{ClaimResult, KeyId, KeyLedger, StoredKey};
@@ -188,7 +188,7 @@ const CLAIMED_BY_HANDLER: [&str; 1] = ["/api/v1/checkout/"];
 #[derive(Clone)]
 pub struct KeyClaim(Option<Arc<HandlerClaim>>);
 
-pub struct HandlerClaim {
+struct HandlerClaim {
     claim: ledger::Claim,
     state: Mutex<HandlerClaimState>,
 }

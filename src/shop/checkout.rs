@@ -8,9 +8,9 @@
 //! finds the order its first attempt placed. The answer is built from the
 //! decided events; reads of the order and the cart afterwards wait for
 //! their read models where needed (see `orders` and `cart`). The request's
-//! idempotency key is claimed by the committer, before it decides the
-//! checkout, or after the answer when nothing was handed to it (see
-//! [`KeyClaim`]).
+//! idempotency key is claimed by the committer, in the transaction that
+//! stores the checkout, or after the answer when nothing was handed to it
+//! (see [`KeyClaim`]).
 
 use actix_web::{post, web, HttpRequest, HttpResponse};
 use chrono::{DateTime, SubsecRound, Utc};
