@@ -140,6 +140,11 @@ struct Job {
 }
 
 impl Job {
+    /// The key this checkout brings that is not claimed yet, if any.
+    fn unclaimed_key(&self) -> Option<&ledger::Claim> {
+        self.request.key.as_ref().filter(|_| !self.key_claimed)
+    }
+
     fn answer(self, outcome: Result<CheckoutOutcome, CheckoutError>) {
         let _ = self.reply.send(CheckoutAnswer {
             key_claimed: self.key_claimed,
@@ -340,11 +345,7 @@ impl Worker {
             attempt += 1;
             let requests: Vec<&CheckoutRequest> = jobs.iter().map(|job| &job.request).collect();
             // Keys not yet claimed are claimed in the batch's own statement.
-            let claims: Vec<&ledger::Claim> = jobs
-                .iter()
-                .filter(|job| !job.key_claimed)
-                .filter_map(|job| job.request.key.as_ref())
-                .collect();
+            let claims: Vec<&ledger::Claim> = jobs.iter().filter_map(Job::unclaimed_key).collect();
             match self.attempt(&requests, &claims).await {
                 Ok(Attempt::Committed {
                     outcomes,
@@ -399,11 +400,7 @@ impl Worker {
     /// statement of their own, and answers the checkouts whose key it did
     /// not claim; the others are returned to be decided again.
     async fn claim_keys(&mut self, jobs: Vec<Job>) -> Vec<Job> {
-        let claims: Vec<&ledger::Claim> = jobs
-            .iter()
-            .filter(|job| !job.key_claimed)
-            .filter_map(|job| job.request.key.as_ref())
-            .collect();
+        let claims: Vec<&ledger::Claim> = jobs.iter().filter_map(Job::unclaimed_key).collect();
         if claims.is_empty() {
             return jobs;
         }
@@ -422,7 +419,7 @@ impl Worker {
                 let message = format!("the checkouts' keys could not be claimed: {error}");
                 let (unclaimed, claimed): (Vec<Job>, Vec<Job>) = jobs
                     .into_iter()
-                    .partition(|job| job.request.key.is_some() && !job.key_claimed);
+                    .partition(|job| job.unclaimed_key().is_some());
                 for job in unclaimed {
                     job.answer(Err(CheckoutError::Store(message.clone())));
                 }
@@ -431,7 +428,7 @@ impl Worker {
         };
         let mut to_decide = Vec::with_capacity(jobs.len());
         for mut job in jobs {
-            if job.request.key.is_none() || job.key_claimed {
+            if job.unclaimed_key().is_none() {
                 to_decide.push(job);
                 continue;
             }
@@ -919,10 +916,7 @@ async fn store_batch(
             format!("{{{}}}", ids.join(","))
         })
         .collect();
-    let key_users: Vec<Uuid> = claims.iter().map(|c| c.key.user_id).collect();
-    let keys: Vec<&str> = claims.iter().map(|c| c.key.key.as_str()).collect();
-    let fingerprints: Vec<&[u8]> = claims.iter().map(|c| &c.fingerprint[..]).collect();
-    let leases: Vec<f64> = claims.iter().map(|c| c.lease_seconds).collect();
+    let claims = ledger::ClaimColumns::new(claims);
     // Keys are inserted in key order, as the key writer inserts them, so
     // that two statements never wait on each other's keys in a cycle.
     let sql = format!(
@@ -943,18 +937,14 @@ async fn store_batch(
         EventColumns::INSERT
     );
     let columns = EventColumns::new(events);
-    let result: Result<(Option<i64>, Option<i64>), sqlx::Error> = columns
+    let query = columns
         .bind(sqlx::query_as(&sql))
         .bind(&order_ids)
         .bind(&user_ids)
         .bind(&due)
-        .bind(&variants)
-        .bind(&key_users)
-        .bind(&keys)
-        .bind(&fingerprints)
-        .bind(&leases)
-        .fetch_one(connection)
-        .await;
+        .bind(&variants);
+    let result: Result<(Option<i64>, Option<i64>), sqlx::Error> =
+        claims.bind(query).fetch_one(connection).await;
     match result {
         Ok((Some(txid), Some(position))) => {
             appended(Ok((txid, position)), events.len()).map(Stored::Appended)

@@ -426,22 +426,22 @@ pub async fn claim_keys(
     claims: &[&Claim],
 ) -> Result<Vec<ClaimResult>, sqlx::Error> {
     let mut keys = std::collections::HashSet::with_capacity(claims.len());
+    let first: Vec<bool> = claims.iter().map(|claim| keys.insert(&claim.key)).collect();
     let unique: Vec<&Claim> = claims
         .iter()
-        .copied()
-        .filter(|claim| keys.insert(&claim.key))
+        .zip(&first)
+        .filter_map(|(claim, first)| first.then_some(*claim))
         .collect();
     let relaxed = unique.iter().all(|claim| claim.relaxed);
     let mut rows = execute(connection, relaxed, &unique, &[])
         .await?
         .into_iter();
-    // The statement answers the distinct keys in order; a repeated key is
-    // answered after its first claim's row was taken.
-    let mut answered = std::collections::HashSet::with_capacity(claims.len());
+    // The statement answers the distinct keys in order.
     claims
         .iter()
-        .map(|claim| {
-            if !answered.insert(&claim.key) {
+        .zip(first)
+        .map(|(_, first)| {
+            if !first {
                 return Ok(ClaimResult::Unseen);
             }
             rows.next()
@@ -457,21 +457,14 @@ async fn execute(
     claims: &[&Claim],
     records: &[&Record],
 ) -> Result<Vec<ClaimRow>, sqlx::Error> {
-    let claim_users: Vec<Uuid> = claims.iter().map(|c| c.key.user_id).collect();
-    let claim_keys: Vec<&str> = claims.iter().map(|c| c.key.key.as_str()).collect();
-    let fingerprints: Vec<&[u8]> = claims.iter().map(|c| &c.fingerprint[..]).collect();
-    let leases: Vec<f64> = claims.iter().map(|c| c.lease_seconds).collect();
+    let claims = ClaimColumns::new(claims);
     let record_users: Vec<Uuid> = records.iter().map(|r| r.key.user_id).collect();
     let record_keys: Vec<&str> = records.iter().map(|r| r.key.key.as_str()).collect();
     let statuses: Vec<i16> = records.iter().map(|r| r.status).collect();
     let types: Vec<Option<&str>> = records.iter().map(|r| r.content_type.as_deref()).collect();
     let bodies: Vec<&[u8]> = records.iter().map(|r| &r.body[..]).collect();
-    sqlx::query_as(WRITE_KEYS)
-        .bind(relaxed)
-        .bind(claim_users)
-        .bind(claim_keys)
-        .bind(fingerprints)
-        .bind(leases)
+    claims
+        .bind(sqlx::query_as(WRITE_KEYS).bind(relaxed))
         .bind(record_users)
         .bind(record_keys)
         .bind(statuses)
@@ -479,4 +472,37 @@ async fn execute(
         .bind(bodies)
         .fetch_all(connection)
         .await
+}
+
+/// Claims as the columns of a key insert, bound as four arrays: user ids,
+/// keys, fingerprints and lease lengths in seconds. The key writer's
+/// statement and the checkout committer's batch both insert claims so.
+pub struct ClaimColumns<'a> {
+    user_ids: Vec<Uuid>,
+    keys: Vec<&'a str>,
+    fingerprints: Vec<&'a [u8]>,
+    lease_seconds: Vec<f64>,
+}
+
+impl<'a> ClaimColumns<'a> {
+    pub fn new(claims: &[&'a Claim]) -> Self {
+        Self {
+            user_ids: claims.iter().map(|c| c.key.user_id).collect(),
+            keys: claims.iter().map(|c| c.key.key.as_str()).collect(),
+            fingerprints: claims.iter().map(|c| &c.fingerprint[..]).collect(),
+            lease_seconds: claims.iter().map(|c| c.lease_seconds).collect(),
+        }
+    }
+
+    /// Binds the four arrays as the query's next parameters.
+    pub fn bind<'q, O>(
+        &'q self,
+        query: sqlx::query::QueryAs<'q, Postgres, O, sqlx::postgres::PgArguments>,
+    ) -> sqlx::query::QueryAs<'q, Postgres, O, sqlx::postgres::PgArguments> {
+        query
+            .bind(&self.user_ids)
+            .bind(&self.keys)
+            .bind(&self.fingerprints)
+            .bind(&self.lease_seconds)
+    }
 }
