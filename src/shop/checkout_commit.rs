@@ -28,7 +28,9 @@
 //! instance while it waits for its turn are decided in that turn. Each batch
 //! reads what other writers stored since its copies were taken, then stores
 //! every event and deadline row in one statement, its own atomic
-//! transaction. The locks are only a courtesy; correctness rests on the
+//! transaction, and goes on to the next batch while a task of its own
+//! drops the checked-out carts from the cache and then answers the buyers.
+//! The locks are only a courtesy; correctness rests on the
 //! events' primary key, so a writer that does not take them (the command
 //! bus, releasing or committing stock) makes the batch conflict, and the
 //! batch is decided again after a short jittered pause, a bounded number of
@@ -72,6 +74,9 @@ const HOLD_ITEMS_FOR: Duration = Duration::from_millis(5);
 /// How long a committer holding items waits for the next checkout before
 /// it lets them go.
 const IDLE_GRACE: Duration = Duration::from_millis(1);
+/// Stored batches waiting for their carts' cached copies to be dropped
+/// before their buyers hear back, at most; past this the committer waits.
+const STORED_WAITING: usize = 64;
 /// Aggregates kept in memory per kind; past this the copies are dropped and
 /// reloaded on demand (they are only a head start, never the truth).
 const MAX_CACHED: usize = 100_000;
@@ -164,15 +169,28 @@ impl CheckoutCommitter {
     /// server runs it on a thread of its own, see [`crate::dedicated`]).
     pub fn new(store: EventStore, cached_carts: VersionedCache) -> (Self, BoxFuture<'static, ()>) {
         let (queue, receiver) = mpsc::channel(8192);
-        let worker = Worker {
-            connection: None,
-            held: None,
-            store,
-            items: HashMap::new(),
-            carts: HashMap::new(),
-            cached_carts,
+        let committing = async move {
+            let (stored, to_answer) = mpsc::channel(STORED_WAITING);
+            // A task of its own, so that the next batch is decided and
+            // stored while Redis drops the last one's carts.
+            let answering = tokio::spawn(answer_stored(to_answer, cached_carts.clone()));
+            let worker = Worker {
+                connection: None,
+                held: None,
+                store,
+                items: HashMap::new(),
+                carts: HashMap::new(),
+                cached_carts,
+                stored,
+            };
+            worker.run(receiver).await;
+            // The worker's end closes the channel: every stored batch is
+            // answered before the task ends.
+            if let Err(error) = answering.await {
+                tracing::error!(%error, "answering stored checkouts ended abnormally");
+            }
         };
-        (Self { queue }, Box::pin(worker.run(receiver)))
+        (Self { queue }, Box::pin(committing))
     }
 
     pub async fn check_out(&self, request: CheckoutRequest) -> CheckoutAnswer {
@@ -212,8 +230,59 @@ struct Worker {
     items: HashMap<Uuid, Versioned<InventoryItem>>,
     carts: HashMap<Uuid, Versioned<Cart>>,
     /// Carts checked out are dropped from here (by a tombstone at their new
-    /// version) before the buyers hear back, so no cached cart outlives it.
+    /// version) before the buyers hear back, so no cached cart outlives it:
+    /// by the answering task, or here when that task is gone.
     cached_carts: VersionedCache,
+    /// Where stored batches go to be answered once their carts are
+    /// dropped from `cached_carts` (see [`answer_stored`]).
+    stored: mpsc::Sender<StoredBatch>,
+}
+
+/// Tombstones the cached copies of carts just checked out, at their new
+/// versions, in one round trip.
+async fn drop_cached_carts<'a>(
+    cached_carts: &VersionedCache,
+    checked_out: impl Iterator<Item = &'a (Uuid, i64)>,
+) {
+    let entries: Vec<(String, i64)> = checked_out
+        .map(|(user_id, version)| (cart_key(*user_id), *version))
+        .collect();
+    cached_carts.invalidate_many(&entries).await;
+}
+
+/// A stored batch: its buyers hear back once the carts it checked out are
+/// gone from the cache.
+struct StoredBatch {
+    jobs: Vec<Job>,
+    answers: Vec<Result<CheckoutOutcome, CheckoutError>>,
+    /// Each cart checked out, with its version after the checkout.
+    checked_out: Vec<(Uuid, i64)>,
+}
+
+impl StoredBatch {
+    fn answer(self) {
+        for (job, answer) in self.jobs.into_iter().zip(self.answers) {
+            job.answer(answer);
+        }
+    }
+}
+
+/// Answers stored batches in the order they were stored, each once its
+/// checked-out carts are tombstoned in the cache, so that no buyer can
+/// read a cached cart that outlived the checkout. Batches that wait
+/// together share one Redis round trip.
+async fn answer_stored(mut stored: mpsc::Receiver<StoredBatch>, cached_carts: VersionedCache) {
+    let mut batches = Vec::new();
+    while stored.recv_many(&mut batches, STORED_WAITING).await > 0 {
+        drop_cached_carts(
+            &cached_carts,
+            batches.iter().flat_map(|batch| &batch.checked_out),
+        )
+        .await;
+        for batch in batches.drain(..) {
+            batch.answer();
+        }
+    }
 }
 
 struct HeldItems {
@@ -341,6 +410,7 @@ impl Worker {
 
     async fn commit(&mut self, mut jobs: Vec<Job>) {
         let mut attempt = 0;
+        let mut checked_out = Vec::new();
         let answers = loop {
             attempt += 1;
             let requests: Vec<&CheckoutRequest> = jobs.iter().map(|job| &job.request).collect();
@@ -349,12 +419,12 @@ impl Worker {
             match self.attempt(&requests, &claims).await {
                 Ok(Attempt::Committed {
                     outcomes,
-                    checked_out,
+                    checked_out: carts,
                 }) => {
                     for job in &mut jobs {
                         job.key_claimed |= job.request.key.is_some();
                     }
-                    self.drop_cached_carts(&checked_out).await;
+                    checked_out = carts;
                     break outcomes;
                 }
                 Ok(Attempt::KeysTaken) => {
@@ -391,8 +461,17 @@ impl Worker {
                 }
             }
         };
-        for (job, answer) in jobs.into_iter().zip(answers) {
-            job.answer(answer);
+        let batch = StoredBatch {
+            jobs,
+            answers,
+            checked_out,
+        };
+        if batch.checked_out.is_empty() {
+            batch.answer();
+        } else if let Err(mpsc::error::SendError(batch)) = self.stored.send(batch).await {
+            // The answering task is gone (it panicked): drop the carts here.
+            drop_cached_carts(&self.cached_carts, batch.checked_out.iter()).await;
+            batch.answer();
         }
     }
 
@@ -633,17 +712,6 @@ impl Worker {
             carts,
             existing_orders,
         })
-    }
-
-    /// Tombstones the carts just checked out, before their buyers hear back,
-    /// so that no cached cart outlives its checkout. Done after the item
-    /// locks are dropped: other instances need not wait for Redis.
-    async fn drop_cached_carts(&self, checked_out: &[(Uuid, i64)]) {
-        let entries: Vec<(String, i64)> = checked_out
-            .iter()
-            .map(|(user_id, version)| (cart_key(*user_id), *version))
-            .collect();
-        self.cached_carts.invalidate_many(&entries).await;
     }
 
     fn keep(&mut self, working: Working) {
