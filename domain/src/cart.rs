@@ -101,6 +101,19 @@ pub enum CartError {
 }
 
 impl Cart {
+    /// A cart holding exactly `lines` and nothing else, as a read of the
+    /// cart at some version showed it (the order it was last checked out
+    /// into is not known from such a read).
+    pub fn holding(lines: impl IntoIterator<Item = (Uuid, Quantity)>) -> Self {
+        Self {
+            lines: lines
+                .into_iter()
+                .map(|(variant_id, quantity)| (variant_id, quantity.get()))
+                .collect(),
+            last_order_id: None,
+        }
+    }
+
     /// The cart's lines: units by variant id.
     pub fn lines(&self) -> &BTreeMap<Uuid, u32> {
         &self.lines
@@ -291,6 +304,20 @@ mod tests {
                 },
             ],
         }
+    }
+
+    #[test]
+    fn a_cart_holding_lines_is_the_cart_its_events_build() {
+        let mut built = Cart::default();
+        built.apply(added(SHOE, 2, 2));
+        built.apply(added(HAT, 1, 1));
+        let holding = Cart::holding([(HAT, qty(1)), (SHOE, qty(2))]);
+        assert_eq!(holding, built);
+        // It checks out the same lines as the cart built from events.
+        assert_eq!(
+            holding.decide(CartCommand::CheckOut { order_id: ORDER }),
+            built.decide(CartCommand::CheckOut { order_id: ORDER })
+        );
     }
 
     #[test]

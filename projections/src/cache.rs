@@ -457,6 +457,12 @@ mod together {
             }
         }
 
+        /// The version of the entry under `name`, if this read found it
+        /// with a body.
+        pub fn version(&self, name: &str) -> Option<i64> {
+            Some(self.entries.get(name)?.as_ref()?.version)
+        }
+
         /// The body under `name` as stored, if this read found one.
         pub fn raw(&self, name: &str) -> Option<&[u8]> {
             Some(&self.entries.get(name)?.as_ref()?.body)

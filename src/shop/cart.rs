@@ -7,7 +7,7 @@ use chrono::{DateTime, Utc};
 use domain::cart::{CartCommand, CartError};
 use domain::values::Quantity;
 use serde::{Deserialize, Serialize};
-use sqlx::PgPool;
+use sqlx::{FromRow, PgPool, Row};
 use utoipa::ToSchema;
 use uuid::Uuid;
 
@@ -61,24 +61,54 @@ pub struct CartView {
     pub updated_at: Option<DateTime<Utc>>,
 }
 
-/// The cart's lines with current catalog data. Lines whose variant left the
-/// public catalog show no availability.
-pub async fn cart_lines(pool: &PgPool, user_id: Uuid) -> Result<Vec<CartItem>, sqlx::Error> {
-    sqlx::query_as::<_, CartItem>(
-        "SELECT cl.variant_id, v.sku, v.product_id, p.name AS product_name, p.slug AS product_slug, \
-                v.price_cents AS unit_price_cents, v.currency, cl.quantity::bigint AS quantity, \
-                v.price_cents * cl.quantity AS line_total_cents, \
-                CASE WHEN p.status = 'active' AND NOT p.deleted \
-                     THEN greatest(coalesce(s.on_hand - s.reserved, 0), 0)::bigint ELSE 0 END AS available \
-         FROM cart_lines cl \
-         JOIN catalog_variants v ON v.id = cl.variant_id \
-         JOIN catalog_products p ON p.id = v.product_id \
-         LEFT JOIN stock_levels s ON s.variant_id = cl.variant_id \
-         WHERE cl.user_id = $1 ORDER BY cl.variant_id",
+/// A cart as one read saw it: its lines, with current catalog data, and
+/// the version of the carts read model they were built from (`None` when
+/// the user has no cart yet).
+pub struct ReadCart {
+    pub view: CartView,
+    pub version: Option<i64>,
+}
+
+/// The cart's lines with current catalog data, and its version, from one
+/// statement: the lines are the cart at that version, which a checkout
+/// relies on (see [`super::checkout_commit::CheckoutRequest::cart_version`]).
+/// Lines whose variant left the public catalog show no availability.
+async fn cart_rows(
+    pool: &PgPool,
+    user_id: Uuid,
+) -> Result<(Option<(i64, DateTime<Utc>)>, Vec<CartItem>), sqlx::Error> {
+    let rows = sqlx::query(
+        "WITH cart AS (SELECT version, updated_at FROM carts WHERE user_id = $1) \
+         SELECT cart.version AS cart_version, cart.updated_at AS cart_updated_at, line.* \
+         FROM cart LEFT JOIN LATERAL ( \
+           SELECT cl.variant_id, v.sku, v.product_id, p.name AS product_name, p.slug AS product_slug, \
+                  v.price_cents AS unit_price_cents, v.currency, cl.quantity::bigint AS quantity, \
+                  v.price_cents * cl.quantity AS line_total_cents, \
+                  CASE WHEN p.status = 'active' AND NOT p.deleted \
+                       THEN greatest(coalesce(s.on_hand - s.reserved, 0), 0)::bigint ELSE 0 END AS available \
+           FROM cart_lines cl \
+           JOIN catalog_variants v ON v.id = cl.variant_id \
+           JOIN catalog_products p ON p.id = v.product_id \
+           LEFT JOIN stock_levels s ON s.variant_id = cl.variant_id \
+           WHERE cl.user_id = $1) line ON true \
+         ORDER BY line.variant_id",
     )
     .bind(user_id)
     .fetch_all(pool)
-    .await
+    .await?;
+    let mut cart = None;
+    let mut items = Vec::with_capacity(rows.len());
+    for row in &rows {
+        cart = Some((
+            row.try_get("cart_version")?,
+            row.try_get("cart_updated_at")?,
+        ));
+        // A cart without lines comes back as one row without a line.
+        if row.try_get::<Option<Uuid>, _>("variant_id")?.is_some() {
+            items.push(CartItem::from_row(row)?);
+        }
+    }
+    Ok((cart, items))
 }
 
 fn assemble(user_id: Uuid, items: Vec<CartItem>, updated_at: Option<DateTime<Utc>>) -> CartView {
@@ -111,13 +141,11 @@ pub(crate) fn cart_key(user_id: Uuid) -> String {
 }
 
 /// The cart from Postgres, refreshing the cache with the version it read.
-async fn cart_view_from_postgres(state: &AppState, user_id: Uuid) -> Result<CartView, ApiError> {
-    let items = cart_lines(&state.pool, user_id).await?;
-    let cart: Option<(i64, DateTime<Utc>)> =
-        sqlx::query_as("SELECT version, updated_at FROM carts WHERE user_id = $1")
-            .bind(user_id)
-            .fetch_optional(&state.pool)
-            .await?;
+pub async fn read_cart_from_postgres(
+    state: &AppState,
+    user_id: Uuid,
+) -> Result<ReadCart, ApiError> {
+    let (cart, items) = cart_rows(&state.pool, user_id).await?;
     if let Some((version, updated_at)) = cart {
         let cached = CachedCart {
             lines: items
@@ -136,21 +164,20 @@ async fn cart_view_from_postgres(state: &AppState, user_id: Uuid) -> Result<Cart
             .refresh(&cart_key(user_id), version, &cached)
             .await;
     }
-    Ok(assemble(
-        user_id,
-        items,
-        cart.map(|(_, updated_at)| updated_at),
-    ))
+    Ok(ReadCart {
+        view: assemble(user_id, items, cart.map(|(_, updated_at)| updated_at)),
+        version: cart.map(|(version, _)| version),
+    })
 }
 
 /// The cart from Redis: its lines, with current prices and stock laid over
 /// from the catalog caches, all read in one round trip when the lines are
 /// the ones the last read saw. `None` on a miss of the cart or when a
 /// line's variant is no longer on sale.
-async fn cart_view_from_cache(
+async fn read_cart_from_cache(
     state: &AppState,
     user_id: Uuid,
-) -> Result<Option<CartView>, ApiError> {
+) -> Result<Option<ReadCart>, ApiError> {
     use projections::cache::{keys, Start};
 
     let cart_name = cart_key(user_id);
@@ -159,7 +186,10 @@ async fn cart_view_from_cache(
         .carts
         .read_with_usual(Start::Entry(&cart_name))
         .await;
-    let Some(cached) = snapshot.get_shared::<CachedCart>(&cart_name) else {
+    let (Some(cached), Some(version)) = (
+        snapshot.get_shared::<CachedCart>(&cart_name),
+        snapshot.version(&cart_name),
+    ) else {
         return Ok(None);
     };
     let mut needed = Vec::with_capacity(2 * cached.lines.len());
@@ -178,7 +208,10 @@ async fn cart_view_from_cache(
         };
         items.push(item);
     }
-    Ok(Some(assemble(user_id, items, cached.updated_at)))
+    Ok(Some(ReadCart {
+        view: assemble(user_id, items, cached.updated_at),
+        version: Some(version),
+    }))
 }
 
 /// A cart line with its product's current data and its variant's stock:
@@ -237,9 +270,9 @@ async fn cart_item_from_cache(
 }
 
 /// The caller's cart: from the cache when it has it, else from Postgres.
-pub async fn cart_view(state: &AppState, user_id: Uuid) -> Result<CartView, ApiError> {
-    if let Some(view) = cart_view_from_cache(state, user_id).await? {
-        return Ok(view);
+pub async fn read_cart(state: &AppState, user_id: Uuid) -> Result<ReadCart, ApiError> {
+    if let Some(cart) = read_cart_from_cache(state, user_id).await? {
+        return Ok(cart);
     }
     // A checkout empties the cart without waiting for the carts read model
     // (it drops the cached cart instead), so a miss waits for the read model
@@ -247,7 +280,7 @@ pub async fn cart_view(state: &AppState, user_id: Uuid) -> Result<CartView, ApiE
     state
         .read_aggregate_writes(projections::carts::NAME, "Cart", &user_id.to_string())
         .await?;
-    cart_view_from_postgres(state, user_id).await
+    read_cart_from_postgres(state, user_id).await
 }
 
 /// Whether a variant can be put in a cart: it exists and its product is public.
@@ -303,7 +336,7 @@ pub async fn after_cart_write(
     state
         .read_your_write(projections::carts::NAME, position)
         .await?;
-    cart_view_from_postgres(state, user_id).await
+    Ok(read_cart_from_postgres(state, user_id).await?.view)
 }
 
 /// A line quantity where 0 means "remove the line".
@@ -355,7 +388,7 @@ pub async fn get_cart(
     state: web::Data<AppState>,
     user: AuthUser,
 ) -> Result<HttpResponse, ApiError> {
-    Ok(HttpResponse::Ok().json(cart_view(&state, user.id).await?))
+    Ok(HttpResponse::Ok().json(read_cart(&state, user.id).await?.view))
 }
 
 /// Sets a line's quantity; 0 removes it.

@@ -19,7 +19,7 @@ use domain::order::{NewOrderLine, OrderError, OrderEvent};
 use domain::values::{Currency, Money, Name, Quantity, Sku};
 use uuid::Uuid;
 
-use super::cart::{cart_lines, cart_view, CartItem};
+use super::cart::{read_cart, read_cart_from_postgres, CartItem};
 use super::checkout_commit::{CheckoutError, CheckoutOutcome, CheckoutRequest};
 use super::orders::{order_view, OrderItem, OrderView};
 use crate::auth::AuthUser;
@@ -76,14 +76,16 @@ pub async fn check_out(
     for read in 0..CART_READS {
         // Lines and prices as a cart read shows them, from the caches when
         // they have them (a price comes from a product entry that is never
-        // stale). The committer checks the lines against the cart itself;
-        // when they differ, the next read goes to the carts read model,
-        // which by then holds every change of the cart.
-        let items = if read == 0 {
-            cart_view(state, user.id).await?.items
+        // stale), with the cart's version. The committer takes the lines as
+        // the cart at that version; when the cart has moved on, the next
+        // read goes to the carts read model, which by then holds every
+        // change of the cart.
+        let cart = if read == 0 {
+            read_cart(state, user.id).await?
         } else {
-            cart_lines(&state.pool, user.id).await?
+            read_cart_from_postgres(state, user.id).await?
         };
+        let items = cart.view.items;
         if items.is_empty() {
             // A retry of a checkout that got through finds the cart empty.
             // Nothing changes here, so the key is claimed after the answer.
@@ -103,6 +105,7 @@ pub async fn check_out(
             currency,
             placed_at: now,
             expires_at,
+            cart_version: cart.version,
             metadata: metadata.clone(),
             // Claimed by the committer with the other keys of its batch,
             // the first time only.

@@ -25,16 +25,22 @@
 //! `HOLD_ITEMS_FOR`, then lets other instances take a turn: instances take
 //! turns on a hot item instead of racing for its next sequence. A batch is
 //! closed only once its items are locked, so the checkouts that reach an
-//! instance while it waits for its turn are decided in that turn. Each batch
-//! reads what other writers stored since its copies were taken, then stores
-//! every event and deadline row in one statement, its own atomic
-//! transaction, and goes on to the next batch while a task of its own
-//! drops the checked-out carts from the cache and then answers the buyers.
-//! The locks are only a courtesy; correctness rests on the
-//! events' primary key, so a writer that does not take them (the command
-//! bus, releasing or committing stock) makes the batch conflict, and the
-//! batch is decided again after a short jittered pause, a bounded number of
-//! times.
+//! instance while it waits for its turn are decided in that turn. A batch
+//! reads from the store only what its copies may lack: the items once per
+//! turn (no other lock holder can store anything until the turn ends), and
+//! the carts that no handler read with a version (a handler's read of the
+//! cart and its version stands for the cart). It then stores every event,
+//! deadline row and key in one statement, its own atomic transaction, and
+//! goes on to the next batch while a task of its own drops the checked-out
+//! carts from the cache and then answers the buyers. The locks are only a
+//! courtesy; correctness rests on the events' primary key, so a copy that
+//! is behind (a cart changed since the handler read it, an item changed by
+//! a writer that takes no lock: the command bus, releasing or committing
+//! stock) makes the batch conflict, and the batch is read again in full and
+//! decided again after a short jittered pause, a bounded number of times.
+//! A refusal stores nothing for the key to check, so a batch that refuses
+//! a checkout for want of stock on copies it did not read is decided again
+//! on the items as stored.
 
 use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::time::{Duration, Instant};
@@ -91,6 +97,12 @@ pub struct CheckoutRequest {
     pub currency: Currency,
     pub placed_at: DateTime<Utc>,
     pub expires_at: DateTime<Utc>,
+    /// The version of the cart that `lines` were read from, when one read
+    /// gave both (the carts read model, or its cached copy). The committer
+    /// then takes `lines` as the cart at that version instead of reading
+    /// the cart's events, and the events' key turns a cart that has moved
+    /// on since into a conflict.
+    pub cart_version: Option<i64>,
     pub metadata: Metadata,
     /// The request's idempotency key, when it is the committer's to claim;
     /// the checkout is decided only if the claim inserts it.
@@ -158,6 +170,25 @@ impl Job {
     }
 }
 
+/// How a committer shares its items with the other instances' committers.
+#[derive(Debug, Clone, Copy)]
+pub struct Turns {
+    /// How long it keeps items locked while checkouts keep coming.
+    pub hold_for: Duration,
+    /// How long it keeps them, holding, for a next checkout that has not
+    /// come yet.
+    pub idle_grace: Duration,
+}
+
+impl Default for Turns {
+    fn default() -> Self {
+        Self {
+            hold_for: HOLD_ITEMS_FOR,
+            idle_grace: IDLE_GRACE,
+        }
+    }
+}
+
 /// Hands checkouts to this instance's committing task.
 #[derive(Clone)]
 pub struct CheckoutCommitter {
@@ -168,6 +199,16 @@ impl CheckoutCommitter {
     /// The handle, and the committing task for the caller to run (the
     /// server runs it on a thread of its own, see [`crate::dedicated`]).
     pub fn new(store: EventStore, cached_carts: VersionedCache) -> (Self, BoxFuture<'static, ()>) {
+        Self::with_turns(store, cached_carts, Turns::default())
+    }
+
+    /// Like [`Self::new`], taking turns as `turns` says (tests hold items
+    /// for long turns, to see what a committer does between batches).
+    pub fn with_turns(
+        store: EventStore,
+        cached_carts: VersionedCache,
+        turns: Turns,
+    ) -> (Self, BoxFuture<'static, ()>) {
         let (queue, receiver) = mpsc::channel(8192);
         let committing = async move {
             let (stored, to_answer) = mpsc::channel(STORED_WAITING);
@@ -175,6 +216,7 @@ impl CheckoutCommitter {
             // stored while Redis drops the last one's carts.
             let answering = tokio::spawn(answer_stored(to_answer, cached_carts.clone()));
             let worker = Worker {
+                turns,
                 connection: None,
                 held: None,
                 store,
@@ -221,6 +263,7 @@ struct Versioned<A> {
 }
 
 struct Worker {
+    turns: Turns,
     /// Opened on first use and after any failure (closing it drops every
     /// lock it held).
     connection: Option<PgConnection>,
@@ -288,6 +331,26 @@ async fn answer_stored(mut stored: mpsc::Receiver<StoredBatch>, cached_carts: Ve
 struct HeldItems {
     items: BTreeSet<Uuid>,
     since: Instant,
+    /// Whether the worker's copies of these items were read from the store
+    /// after the locks were taken, and kept since: no other lock holder
+    /// can have stored anything in between.
+    read_since_locked: bool,
+}
+
+/// What a batch reads from the store before it is decided.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Reading {
+    /// Only what the worker's copies may lack: the items unless they were
+    /// read in this turn, and the carts no handler read with a version.
+    /// Orders are not looked for (an order id already taken makes the new
+    /// order's first event collide). The events' key catches anything
+    /// newer when the batch is stored.
+    Changes,
+    /// As `Changes`, and the items always: a refusal for want of stock
+    /// rests on the items as stored, never on a copy.
+    ChangesAndItems,
+    /// Every aggregate the batch touches, after a conflict.
+    Everything,
 }
 
 /// What one attempt at a batch produced.
@@ -307,6 +370,8 @@ struct Working {
     items: HashMap<Uuid, Versioned<InventoryItem>>,
     carts: HashMap<Uuid, Versioned<Cart>>,
     existing_orders: HashSet<Uuid>,
+    /// Whether the items were read from the store for this batch.
+    items_read: bool,
 }
 
 /// One decided checkout, before the batch is stored.
@@ -376,7 +441,7 @@ impl Worker {
         // millisecond away: keep the items for it (a lock and an unlock
         // saved), else let other instances have them.
         if self.held.is_some() {
-            if let Ok(next) = tokio::time::timeout(IDLE_GRACE, queue.recv()).await {
+            if let Ok(next) = tokio::time::timeout(self.turns.idle_grace, queue.recv()).await {
                 return next;
             }
             self.release_items().await;
@@ -410,13 +475,14 @@ impl Worker {
 
     async fn commit(&mut self, mut jobs: Vec<Job>) {
         let mut attempt = 0;
+        let mut reading = Reading::Changes;
         let mut checked_out = Vec::new();
         let answers = loop {
             attempt += 1;
             let requests: Vec<&CheckoutRequest> = jobs.iter().map(|job| &job.request).collect();
             // Keys not yet claimed are claimed in the batch's own statement.
             let claims: Vec<&ledger::Claim> = jobs.iter().filter_map(Job::unclaimed_key).collect();
-            match self.attempt(&requests, &claims).await {
+            match self.attempt(&requests, &claims, reading).await {
                 Ok(Attempt::Committed {
                     outcomes,
                     checked_out: carts,
@@ -438,6 +504,8 @@ impl Worker {
                     }
                 }
                 Ok(Attempt::Conflict) if attempt < MAX_ATTEMPTS => {
+                    // Some copy was behind the store: read everything.
+                    reading = Reading::Everything;
                     let pause = rand::rng().random_range(1..=(1u64 << attempt.min(5)));
                     tokio::time::sleep(Duration::from_millis(pause)).await;
                 }
@@ -531,11 +599,12 @@ impl Worker {
         &mut self,
         requests: &[&CheckoutRequest],
         claims: &[&ledger::Claim],
+        reading: Reading,
     ) -> Result<Attempt, sqlx::Error> {
         let item_ids = item_ids(requests.iter().copied());
         let mut connection = self.open_connection().await?;
         let result = self
-            .attempt_locked(&mut connection, requests, claims, &item_ids)
+            .attempt_locked(&mut connection, requests, claims, &item_ids, reading)
             .await;
         self.put_back(connection, result.is_ok());
         result
@@ -576,7 +645,7 @@ impl Worker {
 
     /// Makes sure this session holds the locks of `item_ids`. Locks are
     /// kept from batch to batch while checkouts keep coming (one round trip
-    /// saved twice per batch), for at most `HOLD_ITEMS_FOR`, so that other
+    /// saved twice per batch), for at most `turns.hold_for`, so that other
     /// instances get their turn on a hot item.
     async fn hold_items(
         &mut self,
@@ -584,7 +653,7 @@ impl Worker {
         item_ids: &BTreeSet<Uuid>,
     ) -> Result<(), sqlx::Error> {
         if let Some(held) = &self.held {
-            if item_ids.is_subset(&held.items) && held.since.elapsed() < HOLD_ITEMS_FOR {
+            if item_ids.is_subset(&held.items) && held.since.elapsed() < self.turns.hold_for {
                 return Ok(());
             }
             // Locks are only ever taken holding none, in id order, so two
@@ -596,6 +665,7 @@ impl Worker {
         self.held = Some(HeldItems {
             items: item_ids.clone(),
             since: Instant::now(),
+            read_since_locked: false,
         });
         Ok(())
     }
@@ -619,32 +689,22 @@ impl Worker {
         requests: &[&CheckoutRequest],
         claims: &[&ledger::Claim],
         item_ids: &BTreeSet<Uuid>,
+        reading: Reading,
     ) -> Result<Attempt, sqlx::Error> {
         self.hold_items(connection, item_ids).await?;
-        let mut working = self.load(connection, requests, item_ids).await?;
-
-        let mut events = Vec::new();
-        let mut deadlines = Vec::new();
-        let mut checked_out = Vec::new();
-        let mut outcomes = Vec::with_capacity(requests.len());
-        for request in requests {
-            match decide(&mut working, request) {
-                Decision::Done(outcome) => outcomes.push(Ok(outcome)),
-                Decision::Failed(error) => outcomes.push(Err(CheckoutError::Store(error))),
-                Decision::Place {
-                    events: placed_events,
-                    placed,
-                    deadline,
-                    cart,
-                } => {
-                    events.extend(placed_events);
-                    deadlines.push(deadline);
-                    checked_out.push(cart);
-                    outcomes.push(Ok(CheckoutOutcome::Placed { placed }));
-                }
-            }
+        let mut working = self.load(connection, requests, item_ids, reading).await?;
+        let mut decided = Decided::new(&mut working, requests);
+        if !working.items_read && decided.short_of_stock() {
+            // Copies the events' key would have caught when they let a
+            // checkout through, but a refusal stores nothing for it to
+            // check: decide again on the items as stored.
+            working = self
+                .load(connection, requests, item_ids, Reading::ChangesAndItems)
+                .await?;
+            decided = Decided::new(&mut working, requests);
         }
-        let position = match store_batch(connection, &events, &deadlines, claims).await {
+        let stored = store_batch(connection, &decided.events, &decided.deadlines, claims).await;
+        let position = match stored {
             Ok(Stored::Appended(position)) => position,
             Ok(Stored::KeysTaken) => return Ok(Attempt::KeysTaken),
             Err(AppendError::Conflict) => return Ok(Attempt::Conflict),
@@ -656,54 +716,83 @@ impl Worker {
         }
         self.keep(working);
         Ok(Attempt::Committed {
-            outcomes,
-            checked_out,
+            outcomes: decided.outcomes,
+            checked_out: decided.checked_out,
         })
     }
 
-    /// Copies of every aggregate the batch touches, brought up to date after
-    /// the locks were taken, so nothing a lock holder stored before us is
-    /// missed.
+    /// Copies of every aggregate the batch touches, with what `reading`
+    /// asks for read from the store after the locks were taken, so that
+    /// nothing a lock holder stored before is missed.
     async fn load(
         &self,
         connection: &mut PgConnection,
         requests: &[&CheckoutRequest],
         item_ids: &BTreeSet<Uuid>,
+        reading: Reading,
     ) -> Result<Working, sqlx::Error> {
-        let mut items: HashMap<Uuid, Versioned<InventoryItem>> = item_ids
-            .iter()
-            .map(|id| (*id, self.items.get(id).cloned().unwrap_or_default()))
-            .collect();
-        let mut carts: HashMap<Uuid, Versioned<Cart>> = requests
-            .iter()
-            .map(|request| {
-                let copy = self.carts.get(&request.user_id).cloned();
-                (request.user_id, copy.unwrap_or_default())
-            })
-            .collect();
         let mut keys = Vec::new();
-        keys.extend(
-            items
-                .iter()
-                .map(|(id, copy)| ("InventoryItem", *id, copy.version)),
-        );
-        keys.extend(carts.iter().map(|(id, copy)| ("Cart", *id, copy.version)));
-        keys.extend(
-            requests
-                .iter()
-                .map(|request| ("Order", request.order_id, 0)),
-        );
+        let items_read = match reading {
+            Reading::Changes => !self
+                .held
+                .as_ref()
+                .is_some_and(|held| held.read_since_locked),
+            Reading::ChangesAndItems | Reading::Everything => true,
+        };
+        let mut items: HashMap<Uuid, Versioned<InventoryItem>> = HashMap::new();
+        for id in item_ids {
+            let copy = self.items.get(id).cloned().unwrap_or_default();
+            if items_read {
+                keys.push(("InventoryItem", *id, copy.version));
+            }
+            items.insert(*id, copy);
+        }
+        let handed = match reading {
+            Reading::Changes | Reading::ChangesAndItems => handed_carts(requests),
+            Reading::Everything => HashMap::new(),
+        };
+        let mut carts: HashMap<Uuid, Versioned<Cart>> = HashMap::new();
+        for request in requests {
+            if carts.contains_key(&request.user_id) {
+                continue;
+            }
+            let copy = self
+                .carts
+                .get(&request.user_id)
+                .cloned()
+                .unwrap_or_default();
+            let cart = match handed.get(&request.user_id) {
+                Some(&(version, lines)) if version >= copy.version => Versioned {
+                    state: Cart::holding(lines.iter().map(|line| (line.variant_id, line.quantity))),
+                    version,
+                },
+                _ => {
+                    keys.push(("Cart", request.user_id, copy.version));
+                    copy
+                }
+            };
+            carts.insert(request.user_id, cart);
+        }
+        if reading == Reading::Everything {
+            keys.extend(
+                requests
+                    .iter()
+                    .map(|request| ("Order", request.order_id, 0)),
+            );
+        }
 
         let mut existing_orders = HashSet::new();
-        for event in events_after(connection, &keys).await? {
-            let Ok(id) = event.aggregate_id.parse::<Uuid>() else {
-                continue;
-            };
-            match event.aggregate_type.as_str() {
-                "InventoryItem" => fold(items.get_mut(&id), &event)?,
-                "Cart" => fold(carts.get_mut(&id), &event)?,
-                _ => {
-                    existing_orders.insert(id);
+        if !keys.is_empty() {
+            for event in events_after(connection, &keys).await? {
+                let Ok(id) = event.aggregate_id.parse::<Uuid>() else {
+                    continue;
+                };
+                match event.aggregate_type.as_str() {
+                    "InventoryItem" => fold(items.get_mut(&id), &event)?,
+                    "Cart" => fold(carts.get_mut(&id), &event)?,
+                    _ => {
+                        existing_orders.insert(id);
+                    }
                 }
             }
         }
@@ -711,18 +800,101 @@ impl Worker {
             items,
             carts,
             existing_orders,
+            items_read,
         })
     }
 
     fn keep(&mut self, working: Working) {
+        if let Some(held) = &mut self.held {
+            // Only a read of every held item makes all their copies current.
+            if working.items_read && held.items.iter().all(|id| working.items.contains_key(id)) {
+                held.read_since_locked = true;
+            }
+        }
         if self.items.len() > MAX_CACHED {
             self.items.clear();
+            if let Some(held) = &mut self.held {
+                held.read_since_locked = false;
+            }
         }
         if self.carts.len() > MAX_CACHED {
             self.carts.clear();
         }
         self.items.extend(working.items);
         self.carts.extend(working.carts);
+    }
+}
+
+/// The carts the batch's handlers read with a version, by user: the lines
+/// each read, as the cart at that version. A user whose checkouts in the
+/// batch read different versions is left out (the cart is read instead).
+fn handed_carts<'a>(requests: &[&'a CheckoutRequest]) -> HashMap<Uuid, (i64, &'a [NewOrderLine])> {
+    let mut handed: HashMap<Uuid, Option<(i64, &'a [NewOrderLine])>> = HashMap::new();
+    for request in requests {
+        let this = request
+            .cart_version
+            .map(|version| (version, request.lines.as_slice()));
+        handed
+            .entry(request.user_id)
+            .and_modify(|agreed| {
+                if agreed.map(|(version, _)| version) != this.map(|(version, _)| version) {
+                    *agreed = None;
+                }
+            })
+            .or_insert(this);
+    }
+    handed
+        .into_iter()
+        .filter_map(|(user_id, agreed)| Some((user_id, agreed?)))
+        .collect()
+}
+
+/// A batch decided against working copies: what to store, and each
+/// checkout's outcome.
+struct Decided {
+    events: Vec<NewEvent>,
+    deadlines: Vec<Deadline>,
+    /// Each cart checked out, with its version after the checkout.
+    checked_out: Vec<(Uuid, i64)>,
+    outcomes: Vec<Result<CheckoutOutcome, CheckoutError>>,
+}
+
+impl Decided {
+    /// Decides the checkouts in order, each against the copies as the
+    /// ones before it left them.
+    fn new(working: &mut Working, requests: &[&CheckoutRequest]) -> Self {
+        let mut decided = Self {
+            events: Vec::new(),
+            deadlines: Vec::new(),
+            checked_out: Vec::new(),
+            outcomes: Vec::with_capacity(requests.len()),
+        };
+        for request in requests {
+            let outcome = match decide(working, request) {
+                Decision::Done(outcome) => Ok(outcome),
+                Decision::Failed(error) => Err(CheckoutError::Store(error)),
+                Decision::Place {
+                    events,
+                    placed,
+                    deadline,
+                    cart,
+                } => {
+                    decided.events.extend(events);
+                    decided.deadlines.push(deadline);
+                    decided.checked_out.push(cart);
+                    Ok(CheckoutOutcome::Placed { placed })
+                }
+            };
+            decided.outcomes.push(outcome);
+        }
+        decided
+    }
+
+    /// Whether a checkout was refused for want of stock.
+    fn short_of_stock(&self) -> bool {
+        self.outcomes
+            .iter()
+            .any(|outcome| matches!(outcome, Ok(CheckoutOutcome::Short(_))))
     }
 }
 

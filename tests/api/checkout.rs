@@ -7,6 +7,14 @@ use reqwest::Method;
 use serde_json::{json, Value};
 use uuid::Uuid;
 
+use commerce::event_store::{EventStore, Metadata};
+use commerce::shop::checkout_commit::{
+    CheckoutCommitter, CheckoutError, CheckoutOutcome, CheckoutRequest, Turns,
+};
+use domain::order::NewOrderLine;
+use domain::values::{Currency, Money, Name, Quantity, Sku};
+use projections::cache::VersionedCache;
+
 use crate::fake_stripe::{FakeStripe, TEST_SECRET_KEY, TEST_WEBHOOK_SECRET};
 use crate::helpers::{problem, spawn_app, spawn_app_with, spawn_instance_like, TestApp};
 use crate::users::TestUser;
@@ -1336,6 +1344,116 @@ async fn a_checkout_whose_cached_cart_is_behind_the_cart_orders_what_the_cart_ho
     assert_eq!(order["items"][0]["quantity"], 3, "{order}");
     assert_eq!(order["total_cents"], 3 * 1999);
     assert_eq!(counts(&stock(&app, &admin, variant).await), (10, 3, 7));
+}
+
+/// A committer of the test's own that keeps its items between checkouts
+/// for a minute, as one busy in a sale does between batches.
+fn committer_holding_items(app: &TestApp) -> CheckoutCommitter {
+    let turns = Turns {
+        hold_for: Duration::from_secs(60),
+        idle_grace: Duration::from_secs(60),
+    };
+    let (committer, committing) = CheckoutCommitter::with_turns(
+        EventStore::new(app.pool.clone()),
+        VersionedCache::disabled(),
+        turns,
+    );
+    tokio::spawn(committing);
+    committer
+}
+
+/// A checkout of one unit of `variant_id` for a buyer whose cart holds
+/// that one unit at version 1 (their one `add-cart`), as a handler that
+/// read the cart hands it over.
+async fn one_unit_request(app: &TestApp, buyer: &TestUser, variant_id: Uuid) -> CheckoutRequest {
+    let usd = Currency::try_from("USD").unwrap();
+    let now = chrono::Utc::now();
+    CheckoutRequest {
+        order_id: Uuid::new_v4(),
+        user_id: buyer.id,
+        lines: vec![NewOrderLine {
+            variant_id,
+            sku: Sku::try_from("SKU-HELD").unwrap(),
+            product_id: cart_product(app, variant_id).await,
+            product_name: Name::try_from("Limited sneaker").unwrap(),
+            unit_price: Money::new(1999, usd.clone()).unwrap(),
+            quantity: Quantity::new(1).unwrap(),
+        }],
+        currency: usd,
+        placed_at: now,
+        expires_at: now + chrono::Duration::minutes(15),
+        cart_version: Some(1),
+        metadata: Metadata::user(buyer.id, "test"),
+        key: None,
+    }
+}
+
+/// A committer that keeps its items between checkouts sells one of
+/// `stock` units to a first buyer; an admin then changes the stock through
+/// `stock_route` (the command bus, which takes no item lock, so the
+/// committer's copy of the item is left behind); a second buyer checks out
+/// one unit with that committer. Returns the second checkout's outcome and
+/// the stock as its events give it afterwards.
+async fn second_checkout_after_a_stock_change_behind_the_committer(
+    stock_units: u32,
+    stock_route: &str,
+    change: impl FnOnce(Uuid) -> Value,
+) -> (Result<CheckoutOutcome, CheckoutError>, (u64, u64, u64)) {
+    let app = spawn_app().await;
+    let admin = TestUser::create_admin(&app).await;
+    let variant = product_with_stock(&app, &admin, stock_units).await;
+    let first = buyer_with_cart(&app, variant, 1).await;
+    let second = buyer_with_cart(&app, variant, 1).await;
+    let committer = committer_holding_items(&app);
+
+    let sold = committer
+        .check_out(one_unit_request(&app, &first, variant).await)
+        .await;
+    assert!(
+        matches!(sold.outcome, Ok(CheckoutOutcome::Placed { .. })),
+        "{sold:?}"
+    );
+    let response = app
+        .post_json_as(stock_route, &admin.access_token, &change(variant))
+        .await;
+    assert_eq!(response.status(), 200, "{stock_route}");
+
+    let answer = committer
+        .check_out(one_unit_request(&app, &second, variant).await)
+        .await;
+    (answer.outcome, counts(&stock(&app, &admin, variant).await))
+}
+
+#[tokio::test]
+async fn a_committer_between_batches_refuses_only_on_stock_as_stored() {
+    // The only unit is sold; a restock brings one more.
+    let (outcome, stock) = second_checkout_after_a_stock_change_behind_the_committer(
+        1,
+        "/api/v1/stock/add-stock",
+        |variant| json!({ "variant_id": variant, "quantity": 1 }),
+    )
+    .await;
+    assert!(
+        matches!(outcome, Ok(CheckoutOutcome::Placed { .. })),
+        "the restocked unit is sold, not refused on the committer's copy: {outcome:?}"
+    );
+    assert_eq!(stock, (2, 2, 0));
+}
+
+#[tokio::test]
+async fn a_committer_between_batches_sells_nothing_taken_away_meanwhile() {
+    // One of two units is sold; the other is written off.
+    let (outcome, stock) = second_checkout_after_a_stock_change_behind_the_committer(
+        2,
+        "/api/v1/stock/update-stock",
+        |variant| json!({ "variant_id": variant, "on_hand": 1 }),
+    )
+    .await;
+    assert!(
+        matches!(outcome, Ok(CheckoutOutcome::Short(_))),
+        "the events' key turns the stale copy into a conflict, decided again: {outcome:?}"
+    );
+    assert_eq!(stock, (1, 1, 0));
 }
 
 #[tokio::test]
