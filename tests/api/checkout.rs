@@ -1145,7 +1145,10 @@ async fn the_cart_is_served_from_redis_with_current_prices_and_from_postgres_whe
     let admin = TestUser::create_admin(&app).await;
     let variant = product_with_stock(&app, &admin, 5).await;
     let buyer = buyer_with_cart(&app, variant, 2).await;
-    let cached_key = format!("{}cart:{}", app.settings.redis_key_prefix, buyer.id);
+    let cached_key = format!(
+        "{}cart-at-version:{}",
+        app.settings.redis_key_prefix, buyer.id
+    );
     let mut redis = app.state.redis.connection().unwrap();
     let exists: bool = redis::cmd("EXISTS")
         .arg(&cached_key)
