@@ -540,9 +540,7 @@ async fn reads(
     checkout: &Checkout,
 ) -> anyhow::Result<Reads> {
     let requests = options.read_requests;
-    let healthz = job(|index, worker| {
-        Box::pin(async move { worker.send(index, &Call::get("/healthz")).await })
-    });
+    let healthz = repeating([Call::get("/healthz")].into());
 
     let product_path: Arc<str> = format!("/api/v1/products/get-product/{slug}").into();
     let mut warm = Worker::new(endpoints.clone());
@@ -551,11 +549,7 @@ async fn reads(
             .await?
             .expect(200, "warming the product cache")?;
     }
-    let path = product_path.clone();
-    let product = job(move |index, worker| {
-        let path = path.clone();
-        Box::pin(async move { worker.send(index, &Call::get(&*path)).await })
-    });
+    let product = repeating([Call::get(&*product_path)].into());
 
     // Buyers who lost the sale still have their unit in the cart; the
     // winners' carts are empty. Prefer the fuller carts.
@@ -576,15 +570,12 @@ async fn reads(
             .await?
             .expect(200, "warming the cart cache")?;
     }
-    let readers_for_job = reader_tokens.clone();
-    let cart = job(move |index, worker| {
-        let token = readers_for_job[index % readers_for_job.len()].clone();
-        Box::pin(async move {
-            worker
-                .send(index, &Call::get("/api/v1/cart/get-cart").bearer(&token))
-                .await
-        })
-    });
+    let cart = repeating(
+        reader_tokens
+            .iter()
+            .map(|token| Call::get("/api/v1/cart/get-cart").bearer(token))
+            .collect(),
+    );
 
     say(format!(
         "[reads] GET /healthz, {product_path}, /api/v1/cart/get-cart ({} buyers): \
@@ -597,6 +588,20 @@ async fn reads(
         product,
         cart,
         cart_readers: reader_tokens.len(),
+    })
+}
+
+/// A job that sends job `i` the call `calls[i % calls.len()]`, built once
+/// for every time it is sent.
+fn repeating(calls: Arc<[Call]>) -> Job {
+    job(move |index, worker| {
+        let calls = calls.clone();
+        Box::pin(async move {
+            let call = calls
+                .get(index % calls.len().max(1))
+                .ok_or_else(|| anyhow!("no request to send"))?;
+            worker.send(index, call).await
+        })
     })
 }
 
@@ -686,16 +691,12 @@ async fn search(
         "[search] GET {path} ×{} (page of {SEARCH_PAGE_SIZE}, {products} products)",
         search.requests
     ));
-    let path_for_job = path.clone();
     let http = drive(
         search.requests,
         options.concurrency,
         endpoints,
         options.phase_timeout,
-        job(move |index, worker| {
-            let path = path_for_job.clone();
-            Box::pin(async move { worker.send(index, &Call::get(&*path)).await })
-        }),
+        repeating([Call::get(&*path)].into()),
     )
     .await?;
     say(format!(
