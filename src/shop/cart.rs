@@ -2,6 +2,8 @@
 //! model (cached in Redis) with current prices and availability from the
 //! catalog.
 
+use actix_web::http::header::ContentType;
+use actix_web::web::Bytes;
 use actix_web::{delete, get, post, put, web, HttpRequest, HttpResponse};
 use chrono::{DateTime, Utc};
 use domain::cart::{CartCommand, CartError};
@@ -18,6 +20,8 @@ use crate::http::extract::Json;
 use crate::http::middleware::request_id_of;
 use crate::http::problem::ApiError;
 use crate::state::AppState;
+
+mod rendered;
 
 #[derive(Debug, Deserialize, ToSchema)]
 pub struct AddToCart {
@@ -173,14 +177,20 @@ pub async fn read_cart_from_postgres(
     })
 }
 
-/// The cart from Redis: its lines, with current prices and stock laid over
-/// from the catalog caches, all read in one round trip when the lines are
-/// the ones the last read saw. `None` on a miss of the cart or when a
-/// line's variant is no longer on sale.
-async fn read_cart_from_cache(
-    state: &AppState,
-    user_id: Uuid,
-) -> Result<Option<ReadCart>, ApiError> {
+/// A cart as the cache holds it, read together with the catalog entries
+/// its lines need.
+struct CachedRead {
+    cart: std::sync::Arc<CachedCart>,
+    version: i64,
+    snapshot: projections::cache::Snapshot,
+    /// The cart's entry, then the entries its lines need, by name.
+    names: Vec<String>,
+}
+
+/// The cart from Redis with the entries its lines need (current prices and
+/// stock), all read in one round trip when the lines are the ones the last
+/// read saw. `None` on a miss of the cart.
+async fn read_cached(state: &AppState, user_id: Uuid) -> Option<CachedRead> {
     use projections::cache::{keys, Start};
 
     let cart_name = cart_key(user_id);
@@ -189,14 +199,14 @@ async fn read_cart_from_cache(
         .carts
         .read_with_usual(Start::Entry(&cart_name))
         .await;
-    let (Some(cached), Some(version)) = (
+    let (Some(cart), Some(version)) = (
         snapshot.get_shared::<CachedCart>(&cart_name),
         snapshot.version(&cart_name),
     ) else {
-        return Ok(None);
+        return None;
     };
-    let mut needed = Vec::with_capacity(2 * cached.lines.len());
-    for line in &cached.lines {
+    let mut needed = Vec::with_capacity(2 * cart.lines.len());
+    for line in &cart.lines {
         let product = keys::product(line.product_id);
         if !needed.contains(&product) {
             needed.push(product);
@@ -204,53 +214,132 @@ async fn read_cart_from_cache(
         needed.push(keys::stock(line.variant_id));
     }
     state.caches.carts.read_also(&mut snapshot, &needed).await;
-    let mut items = Vec::with_capacity(cached.lines.len());
-    for line in &cached.lines {
-        let Some(item) = cart_item_from_cache(state, &snapshot, line).await? else {
-            return Ok(None);
+    let mut names = Vec::with_capacity(1 + needed.len());
+    names.push(cart_name);
+    names.extend(needed);
+    Some(CachedRead {
+        cart,
+        version,
+        snapshot,
+        names,
+    })
+}
+
+/// The cart a cached read shows (`None` when a line's variant is no longer
+/// on sale), and whether it was built from the read's entries alone.
+async fn cart_from_cached(
+    state: &AppState,
+    user_id: Uuid,
+    read: &CachedRead,
+) -> Result<(Option<ReadCart>, bool), ApiError> {
+    let mut items = Vec::with_capacity(read.cart.lines.len());
+    let mut from_entries_alone = true;
+    for line in &read.cart.lines {
+        let item = match item_from_snapshot(&read.snapshot, line) {
+            FromSnapshot::Item(item) => Some(item),
+            FromSnapshot::NotOnSale => None,
+            FromSnapshot::Missing => {
+                from_entries_alone = false;
+                item_from_catalog(state, line).await?
+            }
+        };
+        let Some(item) = item else {
+            return Ok((None, from_entries_alone));
         };
         items.push(item);
     }
-    Ok(Some(ReadCart {
-        view: assemble(user_id, items, cached.updated_at),
-        version: Some(version),
-    }))
+    let cart = ReadCart {
+        view: assemble(user_id, items, read.cart.updated_at),
+        version: Some(read.version),
+    };
+    Ok((Some(cart), from_entries_alone))
 }
 
-/// A cart line with its product's current data and its variant's stock:
-/// from `snapshot` when it holds both, else through the catalog's reads.
-/// `None` when the variant is no longer on sale.
-async fn cart_item_from_cache(
+/// The cart from Redis: its lines, with current prices and stock laid over
+/// from the catalog caches. `None` on a miss of the cart or when a line's
+/// variant is no longer on sale.
+async fn read_cart_from_cache(
     state: &AppState,
-    snapshot: &projections::cache::Snapshot,
-    line: &CachedLine,
-) -> Result<Option<CartItem>, ApiError> {
+    user_id: Uuid,
+) -> Result<Option<ReadCart>, ApiError> {
+    match read_cached(state, user_id).await {
+        Some(read) => Ok(cart_from_cached(state, user_id, &read).await?.0),
+        None => Ok(None),
+    }
+}
+
+/// What a cached read says about one cart line.
+enum FromSnapshot {
+    /// The line with its product's current data and its variant's stock.
+    Item(CartItem),
+    /// The variant is no longer on sale.
+    NotOnSale,
+    /// The read lacks the product's or the stock's entry (or one that parses).
+    Missing,
+}
+
+fn item_from_snapshot(snapshot: &projections::cache::Snapshot, line: &CachedLine) -> FromSnapshot {
     use projections::cache::keys;
     use projections::catalog_queries::ProductCore;
     use projections::stock::StockEntry;
 
     let product = snapshot.get_shared::<ProductCore>(&keys::product(line.product_id));
     let stock = snapshot.get::<StockEntry>(&keys::stock(line.variant_id));
-    if let (Some(product), Some(stock)) = (product, stock) {
-        if product.status != "active" {
-            return Ok(None);
-        }
-        let Some(variant) = product.variants.iter().find(|v| v.id == line.variant_id) else {
-            return Ok(None);
-        };
-        return Ok(Some(CartItem {
-            variant_id: variant.id,
-            sku: variant.sku.clone(),
-            product_id: product.id,
-            product_name: product.name.clone(),
-            product_slug: product.slug.clone(),
-            unit_price_cents: variant.price_cents,
-            currency: variant.currency.clone(),
-            quantity: line.quantity,
-            line_total_cents: variant.price_cents * line.quantity,
-            available: stock.body.available(),
-        }));
+    let (Some(product), Some(stock)) = (product, stock) else {
+        return FromSnapshot::Missing;
+    };
+    if product.status != "active" {
+        return FromSnapshot::NotOnSale;
     }
+    let Some(variant) = product.variants.iter().find(|v| v.id == line.variant_id) else {
+        return FromSnapshot::NotOnSale;
+    };
+    let offer = Offer {
+        product_id: product.id,
+        product_name: &product.name,
+        product_slug: &product.slug,
+        variant_id: variant.id,
+        sku: &variant.sku,
+        price_cents: variant.price_cents,
+        currency: &variant.currency,
+    };
+    FromSnapshot::Item(offer.line(line.quantity, stock.body.available()))
+}
+
+/// What the catalog says of a line's variant, wherever it was read.
+struct Offer<'a> {
+    product_id: Uuid,
+    product_name: &'a str,
+    product_slug: &'a str,
+    variant_id: Uuid,
+    sku: &'a str,
+    price_cents: i64,
+    currency: &'a str,
+}
+
+impl Offer<'_> {
+    fn line(&self, quantity: i64, available: i64) -> CartItem {
+        CartItem {
+            variant_id: self.variant_id,
+            sku: self.sku.to_owned(),
+            product_id: self.product_id,
+            product_name: self.product_name.to_owned(),
+            product_slug: self.product_slug.to_owned(),
+            unit_price_cents: self.price_cents,
+            currency: self.currency.to_owned(),
+            quantity,
+            line_total_cents: self.price_cents * quantity,
+            available,
+        }
+    }
+}
+
+/// A cart line with its product's current data, through the catalog's
+/// reads. `None` when the variant is no longer on sale.
+async fn item_from_catalog(
+    state: &AppState,
+    line: &CachedLine,
+) -> Result<Option<CartItem>, ApiError> {
     let product = reads::product_detail(state, line.product_id, Viewer::Public).await?;
     let Some(product) = product else {
         return Ok(None);
@@ -258,18 +347,18 @@ async fn cart_item_from_cache(
     let Some(variant) = product.variants.iter().find(|v| v.id == line.variant_id) else {
         return Ok(None);
     };
-    Ok(Some(CartItem {
-        variant_id: variant.id,
-        sku: variant.sku.clone(),
+    let offer = Offer {
         product_id: product.id,
-        product_name: product.name.clone(),
-        product_slug: product.slug.clone(),
-        unit_price_cents: variant.price_cents,
-        currency: variant.currency.clone(),
-        quantity: line.quantity,
-        line_total_cents: variant.price_cents * line.quantity,
-        available: variant.stock.available.max(0),
-    }))
+        product_name: &product.name,
+        product_slug: &product.slug,
+        variant_id: variant.id,
+        sku: &variant.sku,
+        price_cents: variant.price_cents,
+        currency: &variant.currency,
+    };
+    Ok(Some(
+        offer.line(line.quantity, variant.stock.available.max(0)),
+    ))
 }
 
 /// The caller's cart: from the cache when it has it, else from Postgres.
@@ -277,6 +366,12 @@ pub async fn read_cart(state: &AppState, user_id: Uuid) -> Result<ReadCart, ApiE
     if let Some(cart) = read_cart_from_cache(state, user_id).await? {
         return Ok(cart);
     }
+    read_cart_after_cache_miss(state, user_id).await
+}
+
+/// The cart from Postgres once the carts read model holds every change
+/// stored for it.
+async fn read_cart_after_cache_miss(state: &AppState, user_id: Uuid) -> Result<ReadCart, ApiError> {
     // A checkout empties the cart without waiting for the carts read model
     // (it drops the cached cart instead), so a miss waits for the read model
     // to hold every change stored for this cart.
@@ -391,7 +486,41 @@ pub async fn get_cart(
     state: web::Data<AppState>,
     user: AuthUser,
 ) -> Result<HttpResponse, ApiError> {
-    Ok(HttpResponse::Ok().json(read_cart(&state, user.id).await?.view))
+    Ok(HttpResponse::Ok()
+        .insert_header(ContentType::json())
+        .body(cart_json(&state, user.id).await?))
+}
+
+/// The caller's cart as the JSON `get-cart` answers with. A cart read from
+/// the cache whose entries all came back with bodies is a function of those
+/// bodies, so the answer rendered from the very same bodies is sent again.
+async fn cart_json(state: &AppState, user_id: Uuid) -> Result<Bytes, ApiError> {
+    let read = read_cached(state, user_id).await;
+    let bodies = read.as_ref().and_then(|read| {
+        read.names
+            .iter()
+            .map(|name| read.snapshot.raw(name))
+            .collect::<Option<Vec<&[u8]>>>()
+    });
+    if let Some(json) = bodies
+        .as_deref()
+        .and_then(|bodies| rendered::carts().get(user_id, bodies))
+    {
+        return Ok(json);
+    }
+    let (cart, from_entries_alone) = match &read {
+        Some(read) => cart_from_cached(state, user_id, read).await?,
+        None => (None, false),
+    };
+    let view = match cart {
+        Some(cart) => cart.view,
+        None => read_cart_after_cache_miss(state, user_id).await?.view,
+    };
+    let json = Bytes::from(serde_json::to_vec(&view).map_err(ApiError::internal)?);
+    if let Some(bodies) = bodies.filter(|_| from_entries_alone) {
+        rendered::carts().put(user_id, &bodies, json.clone());
+    }
+    Ok(json)
 }
 
 /// Sets a line's quantity; 0 removes it.

@@ -1156,6 +1156,18 @@ async fn the_cart_is_served_from_redis_with_current_prices_and_from_postgres_whe
         .await
         .unwrap();
     assert!(exists, "the write cached the cart");
+    // Read twice, so that the answer rendered from these entries is kept
+    // (and served) before the price changes under it.
+    for _ in 0..2 {
+        let before: Value = app
+            .get_as("/api/v1/cart/get-cart", &buyer.access_token)
+            .await
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(before["item_count"], 2);
+        assert_ne!(before["subtotal_cents"], 5000);
+    }
 
     // A price change shows in the cached cart at once.
     let product_id = cart_product(&app, variant).await;
