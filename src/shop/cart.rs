@@ -187,18 +187,27 @@ struct CachedRead {
     names: Vec<String>,
 }
 
-/// The cart from Redis with the entries its lines need (current prices and
-/// stock), all read in one round trip when the lines are the ones the last
-/// read saw. `None` on a miss of the cart.
-async fn read_cached(state: &AppState, user_id: Uuid) -> Option<CachedRead> {
-    use projections::cache::{keys, Start};
-
-    let cart_name = cart_key(user_id);
-    let mut snapshot = state
+/// The cart's entry from Redis, with the entries its lines needed the
+/// last time, in one round trip.
+async fn read_cart_entry(state: &AppState, cart_name: &str) -> projections::cache::Snapshot {
+    state
         .caches
         .carts
-        .read_with_usual(Start::Entry(&cart_name))
-        .await;
+        .read_with_usual(projections::cache::Start::Entry(cart_name))
+        .await
+}
+
+/// The cart from Redis with the entries its lines need (current prices and
+/// stock): `snapshot` (see [`read_cart_entry`]), completed with a second
+/// round trip only when the lines need entries it lacks. `None` on a miss
+/// of the cart.
+async fn read_cached(
+    state: &AppState,
+    cart_name: String,
+    mut snapshot: projections::cache::Snapshot,
+) -> Option<CachedRead> {
+    use projections::cache::keys;
+
     let (Some(cart), Some(version)) = (
         snapshot.get_shared::<CachedCart>(&cart_name),
         snapshot.version(&cart_name),
@@ -262,7 +271,9 @@ async fn read_cart_from_cache(
     state: &AppState,
     user_id: Uuid,
 ) -> Result<Option<ReadCart>, ApiError> {
-    match read_cached(state, user_id).await {
+    let cart_name = cart_key(user_id);
+    let snapshot = read_cart_entry(state, &cart_name).await;
+    match read_cached(state, cart_name, snapshot).await {
         Some(read) => Ok(cart_from_cached(state, user_id, &read).await?.0),
         None => Ok(None),
     }
@@ -493,21 +504,22 @@ pub async fn get_cart(
 
 /// The caller's cart as the JSON `get-cart` answers with. A cart read from
 /// the cache whose entries all came back with bodies is a function of those
-/// bodies, so the answer rendered from the very same bodies is sent again.
+/// bodies, so the answer rendered from the very same bodies is sent again:
+/// checked as soon as the first round trip is back, since the cart's own
+/// body among them fixes which entries its lines need.
 async fn cart_json(state: &AppState, user_id: Uuid) -> Result<Bytes, ApiError> {
-    let read = read_cached(state, user_id).await;
-    let bodies = read.as_ref().and_then(|read| {
-        read.names
-            .iter()
-            .map(|name| read.snapshot.raw(name))
-            .collect::<Option<Vec<&[u8]>>>()
-    });
-    if let Some(json) = bodies
-        .as_deref()
-        .and_then(|bodies| rendered::carts().get(user_id, bodies))
-    {
+    let cart_name = cart_key(user_id);
+    let snapshot = read_cart_entry(state, &cart_name).await;
+    if let Some(json) = rendered::carts().get(user_id, |name| snapshot.raw(name)) {
         return Ok(json);
     }
+    let read = read_cached(state, cart_name, snapshot).await;
+    let entries = read.as_ref().and_then(|read| {
+        read.names
+            .iter()
+            .map(|name| Some((name.as_str(), read.snapshot.raw(name)?)))
+            .collect::<Option<Vec<(&str, &[u8])>>>()
+    });
     let (cart, from_entries_alone) = match &read {
         Some(read) => cart_from_cached(state, user_id, read).await?,
         None => (None, false),
@@ -517,8 +529,8 @@ async fn cart_json(state: &AppState, user_id: Uuid) -> Result<Bytes, ApiError> {
         None => read_cart_after_cache_miss(state, user_id).await?.view,
     };
     let json = Bytes::from(serde_json::to_vec(&view).map_err(ApiError::internal)?);
-    if let Some(bodies) = bodies.filter(|_| from_entries_alone) {
-        rendered::carts().put(user_id, &bodies, json.clone());
+    if let Some(entries) = entries.filter(|_| from_entries_alone) {
+        rendered::carts().put(user_id, &entries, json.clone());
     }
     Ok(json)
 }

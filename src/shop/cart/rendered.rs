@@ -16,16 +16,21 @@ use uuid::Uuid;
 const MAX_CARTS: usize = 10_000;
 const MAX_BYTES: usize = 32 * 1024 * 1024;
 
-/// One cart's last answer, with the bodies of the entries (the cart's,
-/// then those its lines needed, in the order they were read) it came from.
+/// One cart's last answer, with the entries it came from (the cart's,
+/// then those its lines needed): name and body of each.
 struct Rendered {
-    bodies: Vec<Box<[u8]>>,
+    entries: Vec<(Box<str>, Box<[u8]>)>,
     json: Bytes,
 }
 
 impl Rendered {
     fn weight(&self) -> usize {
-        self.json.len() + self.bodies.iter().map(|body| body.len()).sum::<usize>()
+        self.json.len()
+            + self
+                .entries
+                .iter()
+                .map(|(name, body)| name.len() + body.len())
+                .sum::<usize>()
     }
 }
 
@@ -40,23 +45,25 @@ struct Answers {
 pub struct RenderedCarts(Mutex<Answers>);
 
 impl RenderedCarts {
-    /// The answer rendered from exactly `bodies`, if it is still here.
-    pub fn get(&self, cart: Uuid, bodies: &[&[u8]]) -> Option<Bytes> {
+    /// The answer rendered from exactly the entries `body_of` gives
+    /// (the body a read found under a name), if it is still here.
+    pub fn get<'a>(&self, cart: Uuid, body_of: impl Fn(&str) -> Option<&'a [u8]>) -> Option<Bytes> {
         let answers = self.0.lock().unwrap_or_else(PoisonError::into_inner);
         let rendered = answers.by_cart.get(&cart)?;
-        let same = rendered.bodies.len() == bodies.len()
-            && rendered
-                .bodies
-                .iter()
-                .zip(bodies)
-                .all(|(kept, read)| **kept == **read);
+        let same = rendered
+            .entries
+            .iter()
+            .all(|(name, kept)| body_of(name).is_some_and(|read| read == &**kept));
         same.then(|| rendered.json.clone())
     }
 
-    /// Keeps `json` as the answer rendered from `bodies`.
-    pub fn put(&self, cart: Uuid, bodies: &[&[u8]], json: Bytes) {
+    /// Keeps `json` as the answer rendered from `entries` (name, body).
+    pub fn put(&self, cart: Uuid, entries: &[(&str, &[u8])], json: Bytes) {
         let rendered = Rendered {
-            bodies: bodies.iter().map(|body| Box::from(*body)).collect(),
+            entries: entries
+                .iter()
+                .map(|(name, body)| (Box::from(*name), Box::from(*body)))
+                .collect(),
             json,
         };
         let weight = rendered.weight();
@@ -79,42 +86,60 @@ pub fn carts() -> &'static RenderedCarts {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::HashMap;
+
     use super::*;
 
+    /// A read that found `entries`.
+    fn read<'a>(entries: &'a [(&'a str, &'a [u8])]) -> impl Fn(&str) -> Option<&'a [u8]> {
+        let found: HashMap<&str, &[u8]> = entries.iter().copied().collect();
+        move |name| found.get(name).copied()
+    }
+
     #[test]
-    fn an_answer_is_given_only_for_the_very_bodies_it_came_from() {
+    fn an_answer_is_given_only_for_the_very_entries_it_came_from() {
         let carts = RenderedCarts::default();
         let cart = Uuid::new_v4();
-        let bodies: [&[u8]; 3] = [b"cart v1", b"product", b"stock 5"];
-        carts.put(cart, &bodies, Bytes::from_static(b"{\"answer\":1}"));
+        let entries: [(&str, &[u8]); 3] = [
+            ("cart", b"cart v1"),
+            ("product", b"product"),
+            ("stock", b"stock 5"),
+        ];
+        carts.put(cart, &entries, Bytes::from_static(b"{\"answer\":1}"));
 
-        assert_eq!(
-            carts.get(cart, &bodies),
-            Some(Bytes::from_static(b"{\"answer\":1}"))
-        );
-        let stock_moved: [&[u8]; 3] = [b"cart v1", b"product", b"stock 4"];
-        assert_eq!(carts.get(cart, &stock_moved), None);
-        let line_added: [&[u8]; 4] = [b"cart v2", b"product", b"stock 5", b"stock 9"];
-        assert_eq!(carts.get(cart, &line_added), None);
-        assert_eq!(carts.get(cart, &bodies[..2]), None);
-        assert_eq!(carts.get(Uuid::new_v4(), &bodies), None);
+        let answer = Some(Bytes::from_static(b"{\"answer\":1}"));
+        assert_eq!(carts.get(cart, read(&entries)), answer);
+        // Entries the answer did not need change nothing.
+        let with_more = [entries[0], entries[1], entries[2], ("other", &b"x"[..])];
+        assert_eq!(carts.get(cart, read(&with_more)), answer);
+
+        let stock_moved = [entries[0], entries[1], ("stock", &b"stock 4"[..])];
+        assert_eq!(carts.get(cart, read(&stock_moved)), None);
+        let cart_changed = [("cart", &b"cart v2"[..]), entries[1], entries[2]];
+        assert_eq!(carts.get(cart, read(&cart_changed)), None);
+        let stock_missing = [entries[0], entries[1]];
+        assert_eq!(carts.get(cart, read(&stock_missing)), None);
+        assert_eq!(carts.get(Uuid::new_v4(), read(&entries)), None);
     }
 
     #[test]
     fn a_new_answer_replaces_the_last_and_memory_stays_bounded() {
         let carts = RenderedCarts::default();
         let cart = Uuid::new_v4();
-        carts.put(cart, &[b"old"], Bytes::from_static(b"1"));
-        carts.put(cart, &[b"new"], Bytes::from_static(b"2"));
-        assert_eq!(carts.get(cart, &[b"old"]), None);
-        assert_eq!(carts.get(cart, &[b"new"]), Some(Bytes::from_static(b"2")));
-        assert_eq!(carts.0.lock().unwrap().bytes, 4);
+        carts.put(cart, &[("c", b"old")], Bytes::from_static(b"1"));
+        carts.put(cart, &[("c", b"new")], Bytes::from_static(b"2"));
+        assert_eq!(carts.get(cart, read(&[("c", b"old")])), None);
+        assert_eq!(
+            carts.get(cart, read(&[("c", b"new")])),
+            Some(Bytes::from_static(b"2"))
+        );
+        assert_eq!(carts.0.lock().unwrap().bytes, 5);
 
         for _ in 0..MAX_CARTS {
-            carts.put(Uuid::new_v4(), &[b"body"], Bytes::from_static(b"{}"));
+            carts.put(Uuid::new_v4(), &[("c", b"body")], Bytes::from_static(b"{}"));
         }
         let answers = carts.0.lock().unwrap();
         assert!(answers.by_cart.len() <= MAX_CARTS);
-        assert_eq!(answers.bytes, 6 * answers.by_cart.len());
+        assert_eq!(answers.bytes, 7 * answers.by_cart.len());
     }
 }
