@@ -305,44 +305,18 @@ fn item_from_snapshot(snapshot: &projections::cache::Snapshot, line: &CachedLine
     let Some(variant) = product.variants.iter().find(|v| v.id == line.variant_id) else {
         return FromSnapshot::NotOnSale;
     };
-    let offer = Offer {
-        product_id: product.id,
-        product_name: &product.name,
-        product_slug: &product.slug,
+    FromSnapshot::Item(CartItem {
         variant_id: variant.id,
-        sku: &variant.sku,
-        price_cents: variant.price_cents,
-        currency: &variant.currency,
-    };
-    FromSnapshot::Item(offer.line(line.quantity, stock.body.available()))
-}
-
-/// What the catalog says of a line's variant, wherever it was read.
-struct Offer<'a> {
-    product_id: Uuid,
-    product_name: &'a str,
-    product_slug: &'a str,
-    variant_id: Uuid,
-    sku: &'a str,
-    price_cents: i64,
-    currency: &'a str,
-}
-
-impl Offer<'_> {
-    fn line(&self, quantity: i64, available: i64) -> CartItem {
-        CartItem {
-            variant_id: self.variant_id,
-            sku: self.sku.to_owned(),
-            product_id: self.product_id,
-            product_name: self.product_name.to_owned(),
-            product_slug: self.product_slug.to_owned(),
-            unit_price_cents: self.price_cents,
-            currency: self.currency.to_owned(),
-            quantity,
-            line_total_cents: self.price_cents * quantity,
-            available,
-        }
-    }
+        sku: variant.sku.clone(),
+        product_id: product.id,
+        product_name: product.name.clone(),
+        product_slug: product.slug.clone(),
+        unit_price_cents: variant.price_cents,
+        currency: variant.currency.clone(),
+        quantity: line.quantity,
+        line_total_cents: variant.price_cents * line.quantity,
+        available: stock.body.available(),
+    })
 }
 
 /// A cart line with its product's current data, through the catalog's
@@ -358,18 +332,18 @@ async fn item_from_catalog(
     let Some(variant) = product.variants.iter().find(|v| v.id == line.variant_id) else {
         return Ok(None);
     };
-    let offer = Offer {
-        product_id: product.id,
-        product_name: &product.name,
-        product_slug: &product.slug,
+    Ok(Some(CartItem {
         variant_id: variant.id,
-        sku: &variant.sku,
-        price_cents: variant.price_cents,
-        currency: &variant.currency,
-    };
-    Ok(Some(
-        offer.line(line.quantity, variant.stock.available.max(0)),
-    ))
+        sku: variant.sku.clone(),
+        product_id: product.id,
+        product_name: product.name.clone(),
+        product_slug: product.slug.clone(),
+        unit_price_cents: variant.price_cents,
+        currency: variant.currency.clone(),
+        quantity: line.quantity,
+        line_total_cents: variant.price_cents * line.quantity,
+        available: variant.stock.available.max(0),
+    }))
 }
 
 /// The caller's cart: from the cache when it has it, else from Postgres.
