@@ -68,6 +68,8 @@ pub struct VersionedCache {
     script: Arc<redis::Script>,
     /// When the last failure happened, while Redis counts as down.
     breaker: Arc<Mutex<Option<Instant>>>,
+    /// Reads on this connection not sent yet, which later reads join.
+    gathering: Arc<together::Gathering>,
 }
 
 impl VersionedCache {
@@ -81,6 +83,7 @@ impl VersionedCache {
             ttl: Duration::from_secs(3600),
             script: Arc::new(redis::Script::new(WRITE_SCRIPT)),
             breaker: Arc::default(),
+            gathering: Arc::default(),
         }
     }
 
@@ -100,6 +103,7 @@ impl VersionedCache {
     /// connection.
     pub fn on_connection(mut self, connection: Option<ConnectionManager>) -> Self {
         self.connection = connection;
+        self.gathering = Arc::default();
         self
     }
 
@@ -391,7 +395,9 @@ mod together {
     use std::collections::HashMap;
     use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 
+    use redis::aio::ConnectionManager;
     use serde::de::DeserializeOwned;
+    use tokio::sync::watch;
     use uuid::Uuid;
 
     use super::{Cached, VersionedCache, CALL_TIMEOUT};
@@ -554,50 +560,176 @@ mod together {
         }
 
         /// Reads `text` (a text entry) and the entries `names` into
-        /// `snapshot`, in one pipeline. Nothing is added if Redis fails.
+        /// `snapshot`, in one round trip shared with the other reads on this
+        /// connection that go out with it (see [`Gathering`]). Nothing is
+        /// added if Redis fails.
         async fn read_into(&self, snapshot: &mut Snapshot, text: Option<&str>, names: &[&str]) {
             if text.is_none() && names.is_empty() {
                 return;
             }
-            let Some(mut connection) = self.healthy() else {
+            let Some(answers) = self.read_gathered(text, names).await else {
+                return;
+            };
+            if let Some(text) = text {
+                snapshot.text = answers.texts.get(text).cloned().flatten();
+            }
+            for name in names {
+                let entry = answers.entries.get(*name).cloned().flatten();
+                snapshot.entries.insert((*name).to_owned(), entry);
+            }
+        }
+
+        /// The answers of the batch this read goes out in: the open one,
+        /// or a new one with its sender spawned. `None` if Redis failed.
+        async fn read_gathered(&self, text: Option<&str>, names: &[&str]) -> Option<Arc<Answers>> {
+            let connection = self.healthy()?;
+            let mut answered = {
+                let mut open = self
+                    .gathering
+                    .0
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner);
+                // A batch whose sender is gone (its runtime shut down)
+                // would never be answered.
+                if open
+                    .as_ref()
+                    .is_some_and(|batch| batch.answered.has_changed().is_err())
+                {
+                    *open = None;
+                }
+                let batch = match &mut *open {
+                    Some(batch) => batch,
+                    None => {
+                        let (answer, answered) = watch::channel(None);
+                        tokio::spawn(self.clone().send_gathered(connection, answer));
+                        open.insert(Batch {
+                            texts: Vec::new(),
+                            names: Vec::new(),
+                            answered,
+                        })
+                    }
+                };
+                batch.ask(text, names);
+                batch.answered.clone()
+            };
+            let answers = answered.wait_for(Option::is_some).await.ok()?;
+            answers.clone().flatten()
+        }
+
+        /// Sends the open batch as one pipeline and hands its answers to
+        /// every read in it.
+        async fn send_gathered(
+            self,
+            mut connection: ConnectionManager,
+            answer: watch::Sender<Answered>,
+        ) {
+            let batch = self
+                .gathering
+                .0
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .take();
+            let Some(batch) = batch else {
                 return;
             };
             let mut pipeline = redis::pipe();
-            if let Some(text) = text {
+            for text in &batch.texts {
                 pipeline.cmd("GET").arg(self.key(text));
             }
-            for name in names {
+            for name in &batch.names {
                 pipeline
                     .cmd("HMGET")
                     .arg(self.key(name))
                     .arg("v")
                     .arg("body");
             }
-            let label = text.or(names.first().copied()).unwrap_or_default();
+            let label = batch.texts.first().or(batch.names.first());
+            let label = label.cloned().unwrap_or_default();
+            let label = label.as_str();
             let reply = tokio::time::timeout(
                 CALL_TIMEOUT,
                 pipeline.query_async::<Vec<redis::Value>>(&mut connection),
             )
             .await;
-            let Some(replies) = self.outcome(label, reply) else {
-                return;
-            };
-            if replies.len() != names.len() + usize::from(text.is_some()) {
-                tracing::debug!(key = label, "cache read answered with an unexpected shape");
-                return;
+            let answers = self.outcome(label, reply).and_then(|replies| {
+                let answers = Answers::of(batch, replies);
+                if answers.is_none() {
+                    tracing::debug!(key = label, "cache read answered with an unexpected shape");
+                }
+                answers
+            });
+            answer.send_replace(Some(answers.map(Arc::new)));
+        }
+    }
+
+    /// The reads on one connection that have not gone out yet. A read joins
+    /// the open batch, or opens one and spawns the task that sends it. That
+    /// task runs after the tasks already due, so the reads that reach the
+    /// cache meanwhile go out in the same pipeline, each entry asked for
+    /// once however many reads want it: in a sale, every buyer's product
+    /// page and cart want the same product and stock entries. A batch is
+    /// only joined before it is sent, so Redis answers it after each of its
+    /// reads began, and a read that joined one sees every write that
+    /// finished before it began, as a read of its own would.
+    #[derive(Default)]
+    pub(super) struct Gathering(Mutex<Option<Batch>>);
+
+    /// What a batch's reads wait for: nothing yet, then its answers (`None`
+    /// when Redis failed).
+    type Answered = Option<Option<Arc<Answers>>>;
+
+    /// A batch being gathered: what its reads ask for, each name once.
+    struct Batch {
+        texts: Vec<String>,
+        names: Vec<String>,
+        answered: watch::Receiver<Answered>,
+    }
+
+    impl Batch {
+        fn ask(&mut self, text: Option<&str>, names: &[&str]) {
+            if let Some(text) = text {
+                if !self.texts.iter().any(|asked| asked == text) {
+                    self.texts.push(text.to_owned());
+                }
+            }
+            for name in names {
+                if !self.names.iter().any(|asked| asked == name) {
+                    self.names.push((*name).to_owned());
+                }
+            }
+        }
+    }
+
+    /// A batch's answers, by name.
+    struct Answers {
+        texts: HashMap<String, Option<String>>,
+        entries: HashMap<String, Option<Cached<Vec<u8>>>>,
+    }
+
+    impl Answers {
+        /// The replies to `batch`'s pipeline (its texts, then its names),
+        /// if there is one for each.
+        fn of(batch: Batch, replies: Vec<redis::Value>) -> Option<Self> {
+            if replies.len() != batch.texts.len() + batch.names.len() {
+                return None;
             }
             let mut replies = replies.into_iter();
-            if text.is_some() {
-                snapshot.text = replies
-                    .next()
-                    .and_then(into_bytes)
-                    .and_then(|bytes| String::from_utf8(bytes).ok());
-            }
-            for (name, reply) in names.iter().zip(replies) {
-                snapshot
-                    .entries
-                    .insert((*name).to_owned(), into_entry(reply));
-            }
+            let texts = batch
+                .texts
+                .into_iter()
+                .zip(replies.by_ref())
+                .map(|(text, reply)| {
+                    let value = into_bytes(reply).and_then(|bytes| String::from_utf8(bytes).ok());
+                    (text, value)
+                })
+                .collect();
+            let entries = batch
+                .names
+                .into_iter()
+                .zip(replies)
+                .map(|(name, reply)| (name, into_entry(reply)))
+                .collect();
+            Some(Self { texts, entries })
         }
     }
 

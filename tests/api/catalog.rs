@@ -958,13 +958,18 @@ async fn with_redis_down_product_pages_and_listings_come_from_postgres() {
     assert_eq!(stock.status(), 200);
 }
 
+/// A cache on the app's Redis connection, under its prefix.
+fn cache_of(app: &TestApp) -> VersionedCache {
+    VersionedCache::new(
+        app.state.redis.connection(),
+        app.settings.redis_key_prefix.clone(),
+    )
+}
+
 #[tokio::test]
 async fn the_cache_never_goes_back_to_an_older_version() {
     let app = spawn_app().await;
-    let cache = VersionedCache::new(
-        app.state.redis.connection(),
-        app.settings.redis_key_prefix.clone(),
-    );
+    let cache = cache_of(&app);
 
     cache.put("entry", 5, &json!("five")).await;
     cache.put("entry", 4, &json!("four")).await;
@@ -986,6 +991,113 @@ async fn the_cache_never_goes_back_to_an_older_version() {
         (6, json!("six"))
     );
     assert_eq!(after_same_version.body, json!("six"));
+}
+
+/// Reads that reach the cache together go out in one pipeline, each
+/// entry asked for once: every read still gets exactly what it asked for.
+#[tokio::test]
+async fn reads_that_go_out_together_each_get_what_they_asked_for() {
+    use projections::cache::{keys, Start};
+
+    let app = spawn_app().await;
+    let cache = cache_of(&app);
+    let names: Vec<String> = (0..10).map(|i| format!("gathered-{i}")).collect();
+    for (version, name) in (1..).zip(&names) {
+        cache
+            .put(name, version, &json!(format!("body of {name}")))
+            .await;
+    }
+    let product_id = Uuid::new_v4();
+    cache
+        .put_text("gathered-slug", &product_id.to_string())
+        .await;
+    cache
+        .put(&keys::product(product_id), 7, &json!("the product"))
+        .await;
+
+    let reads = (0..40).map(|i| {
+        let cache = &cache;
+        let start = names[i % 10].clone();
+        let also = vec![names[(i + 3) % 10].clone(), format!("never-written-{i}")];
+        async move {
+            let mut snapshot = if i % 4 == 0 {
+                cache
+                    .read_with_usual(Start::ThroughText {
+                        text: "gathered-slug",
+                        names: keys::product,
+                    })
+                    .await
+            } else {
+                cache.read_with_usual(Start::Entry(&start)).await
+            };
+            cache.read_also(&mut snapshot, &also).await;
+            (i, start, also, snapshot)
+        }
+    });
+    let read = futures_util::future::join_all(reads).await;
+
+    let product = keys::product(product_id);
+    for (i, start, also, snapshot) in read {
+        let expect = |name: &str| Some(format!("\"body of {name}\""));
+        let raw = |name: &str| {
+            snapshot
+                .raw(name)
+                .map(|b| String::from_utf8_lossy(b).into_owned())
+        };
+        if i % 4 == 0 {
+            assert_eq!(snapshot.text, Some(product_id.to_string()), "read {i}");
+            assert_eq!(
+                raw(&product).as_deref(),
+                Some("\"the product\""),
+                "read {i}"
+            );
+            assert_eq!(snapshot.version(&product), Some(7), "read {i}");
+        } else {
+            assert_eq!(raw(&start), expect(&start), "read {i}");
+            let version = names.iter().position(|n| *n == start).unwrap() + 1;
+            assert_eq!(snapshot.version(&start), Some(version as i64), "read {i}");
+        }
+        assert_eq!(raw(&also[0]), expect(&also[0]), "read {i}");
+        assert_eq!(raw(&also[1]), None, "read {i}");
+    }
+}
+
+/// However many reads are in flight on the connection, a read that begins
+/// after a write finished sees that write: a read only joins others that
+/// have not gone out yet.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_sees_every_write_that_finished_before_it_began() {
+    use projections::cache::Start;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+
+    let app = spawn_app().await;
+    let cache = cache_of(&app);
+    cache.replace("hot", 0, &json!(0)).await;
+    let done = Arc::new(AtomicBool::new(false));
+    let readers: Vec<_> = (0..16)
+        .map(|_| {
+            let (cache, done) = (cache.clone(), done.clone());
+            tokio::spawn(async move {
+                let mut reads = 0_u64;
+                while !done.load(Ordering::Relaxed) {
+                    cache.read_with_usual(Start::Entry("hot")).await;
+                    reads += 1;
+                }
+                reads
+            })
+        })
+        .collect();
+
+    for version in 1..=200 {
+        cache.replace("hot", version, &json!(version)).await;
+        let snapshot = cache.read_with_usual(Start::Entry("hot")).await;
+        assert_eq!(snapshot.version("hot"), Some(version), "stale read");
+    }
+    done.store(true, Ordering::Relaxed);
+    for reader in readers {
+        assert!(reader.await.unwrap() > 0, "every reader read meanwhile");
+    }
 }
 
 // ------------------------------------------------------------ concurrency
