@@ -109,11 +109,35 @@ impl RootSpanBuilder for RequestSpan {
         )
     }
 
+    /// Records the outcome on the span, and logs a failure: a server error
+    /// at `error`, a refusal (4xx) only at `debug`. A refusal is the
+    /// client's business, and a sale refuses by the thousand (`409
+    /// insufficient_stock` for each buyer after the sell-out), which
+    /// tracing-actix-web's own event logged as a warning each.
     fn on_request_end<B: MessageBody>(
         span: Span,
         outcome: &Result<ServiceResponse<B>, actix_web::Error>,
     ) {
         DefaultRootSpanBuilder::on_request_end(span, outcome);
+        let failure = match outcome {
+            Ok(response) => response
+                .response()
+                .error()
+                .map(|error| (error.as_response_error(), response.status())),
+            Err(error) => {
+                let error = error.as_response_error();
+                Some((error, error.status_code()))
+            }
+        };
+        match failure {
+            Some((error, status)) if status.is_server_error() => {
+                tracing::error!(status = status.as_u16(), "request failed: {error:?}");
+            }
+            Some((error, status)) => {
+                tracing::debug!(status = status.as_u16(), "request refused: {error:?}");
+            }
+            None => {}
+        }
     }
 }
 
