@@ -255,4 +255,54 @@ mod tests {
         let (_, remembered) = pattern_of("/remembered").await;
         assert_eq!(remembered, "none /healthz");
     }
+
+    /// What ending a request with `response` logs, at `level` and above.
+    fn logged_at(level: tracing::Level, response: HttpResponse) -> String {
+        #[derive(Clone, Default)]
+        struct Captured(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+        impl std::io::Write for Captured {
+            fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(bytes);
+                Ok(bytes.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let captured = Captured::default();
+        let writer = captured.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_max_level(level)
+            .with_ansi(false)
+            .with_writer(move || writer.clone())
+            .finish();
+        let request = test::TestRequest::default().to_http_request();
+        let outcome = Ok(ServiceResponse::new(request, response));
+        tracing::subscriber::with_default(subscriber, || {
+            RequestSpan::on_request_end(Span::none(), &outcome);
+        });
+        let bytes = captured.0.lock().unwrap().clone();
+        String::from_utf8(bytes).unwrap()
+    }
+
+    #[actix_web::test]
+    async fn refusals_are_logged_at_debug_and_server_errors_at_error() {
+        use crate::http::problem::ApiError;
+        use tracing::Level;
+
+        let refused = || HttpResponse::from_error(ApiError::not_found("variant"));
+        assert_eq!(logged_at(Level::INFO, refused()), "");
+        let at_debug = logged_at(Level::DEBUG, refused());
+        assert!(at_debug.contains("DEBUG"), "{at_debug}");
+        assert!(at_debug.contains("request refused"), "{at_debug}");
+        assert!(at_debug.contains("status=404"), "{at_debug}");
+
+        let failed = HttpResponse::from_error(ApiError::internal(anyhow::anyhow!("disk on fire")));
+        let at_error = logged_at(Level::ERROR, failed);
+        assert!(at_error.contains("ERROR"), "{at_error}");
+        assert!(at_error.contains("request failed"), "{at_error}");
+        assert!(at_error.contains("status=500"), "{at_error}");
+
+        assert_eq!(logged_at(Level::TRACE, HttpResponse::Ok().finish()), "");
+    }
 }
