@@ -160,6 +160,15 @@ async fn released_stock(app: &TestApp, admin: &TestUser, variant_id: Uuid) -> Va
     stock(app, admin, variant_id).await
 }
 
+/// The buyer's cart, as `get-cart` answers it.
+async fn cart_of(app: &TestApp, buyer: &TestUser) -> Value {
+    app.get_as("/api/v1/cart/get-cart", &buyer.access_token)
+        .await
+        .json()
+        .await
+        .unwrap()
+}
+
 async fn buyer_with_cart(app: &TestApp, variant_id: Uuid, quantity: i64) -> TestUser {
     let buyer = TestUser::register_customer(app).await;
     assert_eq!(
@@ -246,12 +255,7 @@ async fn the_cart_merges_lines_and_shows_prices_and_availability() {
         (Some(5), Some(9995))
     );
     assert_eq!(cart["currency"], "USD");
-    let read: Value = app
-        .get_as("/api/v1/cart/get-cart", &buyer.access_token)
-        .await
-        .json()
-        .await
-        .unwrap();
+    let read = cart_of(&app, &buyer).await;
     assert_eq!(read["item_count"], 5, "a read right after a write shows it");
 }
 
@@ -448,12 +452,7 @@ async fn checkout_holds_the_stock_empties_the_cart_and_replays_for_the_same_key(
     assert_eq!(order["items"][0]["quantity"], 3);
     assert!(order["expires_at"].is_string());
     assert_eq!(counts(&stock(&app, &admin, variant).await), (10, 3, 7));
-    let cart: Value = app
-        .get_as("/api/v1/cart/get-cart", &buyer.access_token)
-        .await
-        .json()
-        .await
-        .unwrap();
+    let cart = cart_of(&app, &buyer).await;
     assert_eq!(cart["item_count"], 0, "the cart is emptied");
     let listing: Value = app
         .get_as("/api/v1/orders/my-orders", &buyer.access_token)
@@ -610,12 +609,7 @@ async fn a_checkout_reserves_every_line_or_none() {
         "no stock stays held"
     );
     assert_eq!(counts(&stock(&app, &admin, scarce).await), (1, 0, 1));
-    let cart: Value = app
-        .get_as("/api/v1/cart/get-cart", &buyer.access_token)
-        .await
-        .json()
-        .await
-        .unwrap();
+    let cart = cart_of(&app, &buyer).await;
     assert_eq!(cart["item_count"], 4, "a failed checkout keeps the cart");
 }
 
@@ -1159,12 +1153,7 @@ async fn the_cart_is_served_from_redis_with_current_prices_and_from_postgres_whe
     // Read twice, so that the answer rendered from these entries is kept
     // (and served) before the price changes under it.
     for _ in 0..2 {
-        let before: Value = app
-            .get_as("/api/v1/cart/get-cart", &buyer.access_token)
-            .await
-            .json()
-            .await
-            .unwrap();
+        let before = cart_of(&app, &buyer).await;
         assert_eq!(before["item_count"], 2);
         assert_ne!(before["subtotal_cents"], 5000);
     }
@@ -1182,12 +1171,7 @@ async fn the_cart_is_served_from_redis_with_current_prices_and_from_postgres_whe
         .await
         .unwrap();
     assert_eq!(update.status(), 200);
-    let cart: Value = app
-        .get_as("/api/v1/cart/get-cart", &buyer.access_token)
-        .await
-        .json()
-        .await
-        .unwrap();
+    let cart = cart_of(&app, &buyer).await;
     assert_eq!(cart["subtotal_cents"], 5000);
     let exists: bool = redis::cmd("EXISTS")
         .arg(&cached_key)
@@ -1198,12 +1182,7 @@ async fn the_cart_is_served_from_redis_with_current_prices_and_from_postgres_whe
 
     // Checkout empties the cached cart too.
     assert_eq!(checkout(&app, &buyer, "cached").await.status(), 201);
-    let cart: Value = app
-        .get_as("/api/v1/cart/get-cart", &buyer.access_token)
-        .await
-        .json()
-        .await
-        .unwrap();
+    let cart = cart_of(&app, &buyer).await;
     assert_eq!(cart["item_count"], 0);
 
     let without_redis = spawn_app_with(|settings| {
@@ -1212,12 +1191,7 @@ async fn the_cart_is_served_from_redis_with_current_prices_and_from_postgres_whe
     })
     .await;
     add_to_cart(&without_redis, &buyer, variant, 1).await;
-    let cart: Value = without_redis
-        .get_as("/api/v1/cart/get-cart", &buyer.access_token)
-        .await
-        .json()
-        .await
-        .unwrap();
+    let cart = cart_of(&without_redis, &buyer).await;
     assert_eq!(
         (cart["item_count"].as_i64(), cart["subtotal_cents"].as_i64()),
         (Some(1), Some(2500))
@@ -1283,12 +1257,7 @@ async fn three_instances_sell_a_restocked_drop_once_and_answer_with_what_they_st
         let buyer = &buyers[*index];
         // Read back through another instance than the one that answered.
         let reader = instances[(index + 1) % 3];
-        let cart: Value = reader
-            .get_as("/api/v1/cart/get-cart", &buyer.access_token)
-            .await
-            .json()
-            .await
-            .unwrap();
+        let cart = cart_of(reader, buyer).await;
         match status {
             201 => {
                 sold += 1;
