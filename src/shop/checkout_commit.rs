@@ -16,31 +16,29 @@
 //! key was taken, and decides the rest again.
 //!
 //! The task runs on a thread of its own, with the idempotency key writer
-//! ([`crate::dedicated`]), and works on
-//! a connection of its own (never queued behind request handlers for a
-//! pooled one), in as few round trips as it can. It holds a
-//! session advisory lock per item it is selling (taken in item-id order,
-//! holding none, so two sessions never wait on each other in a cycle), and
-//! keeps them from batch to batch while checkouts keep coming, for at most
-//! `HOLD_ITEMS_FOR`, then lets other instances take a turn: instances take
-//! turns on a hot item instead of racing for its next sequence. A batch is
-//! closed only once its items are locked, so the checkouts that reach an
-//! instance while it waits for its turn are decided in that turn. A batch
-//! reads from the store only what its copies may lack: the items once per
-//! turn (no other lock holder can store anything until the turn ends), and
-//! the carts that no handler read with a version (a handler's read of the
-//! cart and its version stands for the cart). It then stores every event,
-//! deadline row and key in one statement, its own atomic transaction, and
-//! goes on to the next batch while a task of its own drops the checked-out
-//! carts from the cache and then answers the buyers. The locks are only a
-//! courtesy; correctness rests on the events' primary key, so a copy that
-//! is behind (a cart changed since the handler read it, an item changed by
-//! a writer that takes no lock: the command bus, releasing or committing
-//! stock) makes the batch conflict, and the batch is read again in full and
-//! decided again after a short jittered pause, a bounded number of times.
-//! A refusal stores nothing for the key to check, so a batch that refuses
-//! a checkout for want of stock on copies it did not read is decided again
-//! on the items as stored.
+//! ([`crate::dedicated`]), and works on a connection of its own (never
+//! queued behind request handlers for a pooled one), in as few round trips
+//! as it can. Each batch is one transaction that first takes a transaction
+//! advisory lock per item it sells (in item-id order, so two transactions
+//! never wait on each other in a cycle): instances take turns on a hot
+//! item, a batch each, instead of racing for its next sequence, and no lock
+//! outlives its transaction, so the committer keeps no session state from
+//! one statement's transaction to the next and works through a
+//! transaction-mode connection pooler. A batch is closed only once its
+//! items are locked, so the checkouts that reach an instance while it waits
+//! for its turn are decided in that turn. A batch reads from the store only
+//! what its copies may lack: the items' events since its copies (another
+//! instance may have sold since), and the carts that no handler read with a
+//! version (a handler's read of the cart and its version stands for the
+//! cart). It then stores every event, deadline row and key in one
+//! statement, commits, and goes on to the next batch while a task of its
+//! own drops the checked-out carts from the cache and then answers the
+//! buyers. The locks are only a courtesy; correctness rests on the events'
+//! primary key, so a copy that is behind (a cart changed since the handler
+//! read it, an item changed by a writer that takes no lock: the command
+//! bus, releasing or committing stock) makes the batch conflict, and the
+//! batch is read again in full and decided again after a short jittered
+//! pause, a bounded number of times, holding no lock meanwhile.
 
 use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::time::{Duration, Instant};
@@ -53,9 +51,10 @@ use domain::order::{NewOrderLine, Order, OrderCommand, OrderError, OrderEvent};
 use domain::values::{Currency, Quantity};
 use domain::Decider;
 use futures_util::future::BoxFuture;
+use futures_util::TryStreamExt;
 use projections::{GlobalPosition, StoredEvent};
 use rand::Rng;
-use sqlx::{Connection, PgConnection};
+use sqlx::{Connection, Either, Executor, FromRow, PgConnection};
 use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
@@ -71,15 +70,6 @@ use projections::cache::VersionedCache;
 const MAX_BATCH: usize = 512;
 /// Tries per batch before its callers hear `Contention`.
 const MAX_ATTEMPTS: u32 = 8;
-/// How long a committer keeps hot items locked while checkouts keep coming,
-/// before it lets other instances take a turn. Short turns won with three
-/// instances (the bench's buyers go round the instances, so most of them
-/// wait at the ones whose turn it is not): 20 ms gave batches of 10 and
-/// 2,550-2,700 sales/s, 5 ms batches of 18 and 3,090-3,330.
-const HOLD_ITEMS_FOR: Duration = Duration::from_millis(5);
-/// How long a committer holding items waits for the next checkout before
-/// it lets them go.
-const IDLE_GRACE: Duration = Duration::from_millis(1);
 /// Stored batches waiting for their carts' cached copies to be dropped
 /// before their buyers hear back, at most; past this the committer waits.
 const STORED_WAITING: usize = 64;
@@ -170,25 +160,6 @@ impl Job {
     }
 }
 
-/// How a committer shares its items with the other instances' committers.
-#[derive(Debug, Clone, Copy)]
-pub struct Turns {
-    /// How long it keeps items locked while checkouts keep coming.
-    pub hold_for: Duration,
-    /// How long it keeps them, holding, for a next checkout that has not
-    /// come yet.
-    pub idle_grace: Duration,
-}
-
-impl Default for Turns {
-    fn default() -> Self {
-        Self {
-            hold_for: HOLD_ITEMS_FOR,
-            idle_grace: IDLE_GRACE,
-        }
-    }
-}
-
 /// Hands checkouts to this instance's committing task.
 #[derive(Clone)]
 pub struct CheckoutCommitter {
@@ -199,16 +170,6 @@ impl CheckoutCommitter {
     /// The handle, and the committing task for the caller to run (the
     /// server runs it on a thread of its own, see [`crate::dedicated`]).
     pub fn new(store: EventStore, cached_carts: VersionedCache) -> (Self, BoxFuture<'static, ()>) {
-        Self::with_turns(store, cached_carts, Turns::default())
-    }
-
-    /// Like [`Self::new`], taking turns as `turns` says (tests hold items
-    /// for long turns, to see what a committer does between batches).
-    pub fn with_turns(
-        store: EventStore,
-        cached_carts: VersionedCache,
-        turns: Turns,
-    ) -> (Self, BoxFuture<'static, ()>) {
         let (queue, receiver) = mpsc::channel(8192);
         let committing = async move {
             let (stored, to_answer) = mpsc::channel(STORED_WAITING);
@@ -216,9 +177,7 @@ impl CheckoutCommitter {
             // stored while Redis drops the last one's carts.
             let answering = tokio::spawn(answer_stored(to_answer, cached_carts.clone()));
             let worker = Worker {
-                turns,
                 connection: None,
-                held: None,
                 store,
                 items: HashMap::new(),
                 carts: HashMap::new(),
@@ -263,12 +222,8 @@ struct Versioned<A> {
 }
 
 struct Worker {
-    turns: Turns,
-    /// Opened on first use and after any failure (closing it drops every
-    /// lock it held).
+    /// Opened on first use and after any failure.
     connection: Option<PgConnection>,
-    /// The item locks `connection` holds, if any.
-    held: Option<HeldItems>,
     store: EventStore,
     items: HashMap<Uuid, Versioned<InventoryItem>>,
     carts: HashMap<Uuid, Versioned<Cart>>,
@@ -279,6 +234,35 @@ struct Worker {
     /// Where stored batches go to be answered once their carts are
     /// dropped from `cached_carts` (see [`answer_stored`]).
     stored: mpsc::Sender<StoredBatch>,
+}
+
+/// The checkouts that reached the committer after a batch was opened.
+struct Waiting<'a> {
+    queue: &'a mut mpsc::Receiver<Job>,
+    /// Those taken from the queue whose items the batch did not lock.
+    later: &'a mut VecDeque<Job>,
+}
+
+impl Waiting<'_> {
+    /// Moves the checkouts waiting in the queue into `jobs`, those whose
+    /// items are all in `locked`, up to `MAX_BATCH`; the others to `later`.
+    fn join(&mut self, jobs: &mut Vec<Job>, locked: &BTreeSet<Uuid>) {
+        while jobs.len() < MAX_BATCH {
+            let Ok(job) = self.queue.try_recv() else {
+                return;
+            };
+            let covered = job
+                .request
+                .lines
+                .iter()
+                .all(|line| locked.contains(&line.variant_id));
+            if covered {
+                jobs.push(job);
+            } else {
+                self.later.push_back(job);
+            }
+        }
+    }
 }
 
 /// Tombstones the cached copies of carts just checked out, at their new
@@ -328,27 +312,17 @@ async fn answer_stored(mut stored: mpsc::Receiver<StoredBatch>, cached_carts: Ve
     }
 }
 
-struct HeldItems {
-    items: BTreeSet<Uuid>,
-    since: Instant,
-    /// Whether the worker's copies of these items were read from the store
-    /// after the locks were taken, and kept since: no other lock holder
-    /// can have stored anything in between.
-    read_since_locked: bool,
-}
-
 /// What a batch reads from the store before it is decided.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Reading {
-    /// Only what the worker's copies may lack: the items unless they were
-    /// read in this turn, and the carts no handler read with a version.
-    /// Orders are not looked for (an order id already taken makes the new
-    /// order's first event collide). The events' key catches anything
-    /// newer when the batch is stored.
+    /// Only what the worker's copies may lack: the items' new events, and
+    /// the carts no handler read with a version. Orders are not looked for
+    /// (an order id already taken makes the new order's first event
+    /// collide). The events' key catches anything newer when the batch is
+    /// stored. The items are always read, under their locks: a refusal for
+    /// want of stock stores nothing for the key to check, so it must rest
+    /// on the items as stored, never on a copy.
     Changes,
-    /// As `Changes`, and the items always: a refusal for want of stock
-    /// rests on the items as stored, never on a copy.
-    ChangesAndItems,
     /// Every aggregate the batch touches, after a conflict.
     Everything,
 }
@@ -370,8 +344,6 @@ struct Working {
     items: HashMap<Uuid, Versioned<InventoryItem>>,
     carts: HashMap<Uuid, Versioned<Cart>>,
     existing_orders: HashSet<Uuid>,
-    /// Whether the items were read from the store for this batch.
-    items_read: bool,
 }
 
 /// One decided checkout, before the batch is stored.
@@ -401,7 +373,7 @@ impl Worker {
         loop {
             let first = match later.pop_front() {
                 Some(job) => job,
-                None => match self.next_job(&mut queue).await {
+                None => match queue.recv().await {
                     Some(job) => job,
                     None => return,
                 },
@@ -413,76 +385,28 @@ impl Worker {
                 };
                 jobs.push(job);
             }
-            // The items are locked before the batch is closed: while this
-            // instance waits for its turn, the checkouts that reach it join
-            // the batch instead of waiting for the next turn. (A failure
-            // here is met again, and answered, by the batch's own attempt.)
-            if self
-                .take_items(&item_ids(jobs.iter().map(|job| &job.request)))
-                .await
-                .is_ok()
-            {
-                self.join_waiting(&mut jobs, &mut queue, &mut later);
-            }
-            metrics::histogram!("checkout_batch_size").record(jobs.len() as f64);
             let started = Instant::now();
-            self.commit(jobs).await;
+            let mut waiting = Waiting {
+                queue: &mut queue,
+                later: &mut later,
+            };
+            self.commit(jobs, &mut waiting).await;
             metrics::histogram!("checkout_batch_duration_seconds")
                 .record(started.elapsed().as_secs_f64());
         }
     }
 
-    /// The next checkout to decide; `None` once the queue has closed.
-    async fn next_job(&mut self, queue: &mut mpsc::Receiver<Job>) -> Option<Job> {
-        if let Ok(job) = queue.try_recv() {
-            return Some(job);
-        }
-        // Nothing waiting. In a sale the next checkout is a fraction of a
-        // millisecond away: keep the items for it (a lock and an unlock
-        // saved), else let other instances have them.
-        if self.held.is_some() {
-            if let Ok(next) = tokio::time::timeout(self.turns.idle_grace, queue.recv()).await {
-                return next;
-            }
-            self.release_items().await;
-        }
-        queue.recv().await
-    }
-
-    /// Moves the checkouts waiting in the queue into `jobs`, those whose
-    /// items this committer holds, up to `MAX_BATCH`; the others to `later`.
-    fn join_waiting(
-        &self,
-        jobs: &mut Vec<Job>,
-        queue: &mut mpsc::Receiver<Job>,
-        later: &mut VecDeque<Job>,
-    ) {
-        let Some(held) = &self.held else { return };
-        while jobs.len() < MAX_BATCH {
-            let Ok(job) = queue.try_recv() else { return };
-            let covered = job
-                .request
-                .lines
-                .iter()
-                .all(|line| held.items.contains(&line.variant_id));
-            if covered {
-                jobs.push(job);
-            } else {
-                later.push_back(job);
-            }
-        }
-    }
-
-    async fn commit(&mut self, mut jobs: Vec<Job>) {
+    /// Decides and stores `jobs`, with the checkouts that join them while
+    /// their items' locks are taken (from `waiting`, on the first attempt),
+    /// and sees every one of them answered.
+    async fn commit(&mut self, mut jobs: Vec<Job>, waiting: &mut Waiting<'_>) {
         let mut attempt = 0;
         let mut reading = Reading::Changes;
         let mut checked_out = Vec::new();
         let answers = loop {
             attempt += 1;
-            let requests: Vec<&CheckoutRequest> = jobs.iter().map(|job| &job.request).collect();
-            // Keys not yet claimed are claimed in the batch's own statement.
-            let claims: Vec<&ledger::Claim> = jobs.iter().filter_map(Job::unclaimed_key).collect();
-            match self.attempt(&requests, &claims, reading).await {
+            let joining = (attempt == 1).then_some(&mut *waiting);
+            match self.attempt(&mut jobs, joining, reading).await {
                 Ok(Attempt::Committed {
                     outcomes,
                     checked_out: carts,
@@ -595,121 +519,69 @@ impl Worker {
         to_decide
     }
 
+    /// One transaction: takes the locks of the batch's items, lets the
+    /// checkouts waiting for those items join it (when `joining`), reads
+    /// what `reading` asks for, decides, stores and commits.
     async fn attempt(
         &mut self,
-        requests: &[&CheckoutRequest],
-        claims: &[&ledger::Claim],
+        jobs: &mut Vec<Job>,
+        joining: Option<&mut Waiting<'_>>,
         reading: Reading,
     ) -> Result<Attempt, sqlx::Error> {
-        let item_ids = item_ids(requests.iter().copied());
         let mut connection = self.open_connection().await?;
         let result = self
-            .attempt_locked(&mut connection, requests, claims, &item_ids, reading)
+            .attempt_on(&mut connection, jobs, joining, reading)
             .await;
         self.put_back(connection, result.is_ok());
         result
     }
 
-    /// Takes the locks of `item_ids` (see `hold_items`).
-    async fn take_items(&mut self, item_ids: &BTreeSet<Uuid>) -> Result<(), sqlx::Error> {
-        let mut connection = self.open_connection().await?;
-        let result = self.hold_items(&mut connection, item_ids).await;
-        self.put_back(connection, result.is_ok());
-        result
-    }
-
-    /// This committer's connection, opened again after a failure.
-    async fn open_connection(&mut self) -> Result<PgConnection, sqlx::Error> {
-        match self.connection.take() {
-            Some(connection) => Ok(connection),
-            None => {
-                self.held = None;
-                let options = crate::db::own_connection_options(
-                    self.store.pool(),
-                    crate::db::application_names::CHECKOUT_COMMITTER,
-                );
-                PgConnection::connect_with(&options).await
-            }
-        }
-    }
-
-    /// Keeps the connection after a success. After any error it is dropped,
-    /// which ends the session and with it the locks.
-    fn put_back(&mut self, connection: PgConnection, succeeded: bool) {
-        if succeeded {
-            self.connection = Some(connection);
-        } else {
-            self.held = None;
-        }
-    }
-
-    /// Makes sure this session holds the locks of `item_ids`. Locks are
-    /// kept from batch to batch while checkouts keep coming (one round trip
-    /// saved twice per batch), for at most `turns.hold_for`, so that other
-    /// instances get their turn on a hot item.
-    async fn hold_items(
+    async fn attempt_on(
         &mut self,
         connection: &mut PgConnection,
-        item_ids: &BTreeSet<Uuid>,
-    ) -> Result<(), sqlx::Error> {
-        if let Some(held) = &self.held {
-            if item_ids.is_subset(&held.items) && held.since.elapsed() < self.turns.hold_for {
-                return Ok(());
-            }
-            // Locks are only ever taken holding none, in id order, so two
-            // sessions never wait on each other in a cycle.
-            unlock_all(connection).await?;
-            self.held = None;
-        }
-        lock_items(connection, item_ids).await?;
-        self.held = Some(HeldItems {
-            items: item_ids.clone(),
-            since: Instant::now(),
-            read_since_locked: false,
-        });
-        Ok(())
-    }
-
-    async fn release_items(&mut self) {
-        if self.held.take().is_none() {
-            return;
-        }
-        let Some(connection) = self.connection.as_mut() else {
-            return;
-        };
-        if let Err(error) = unlock_all(connection).await {
-            tracing::warn!(%error, "could not release item locks; reconnecting");
-            self.connection = None;
-        }
-    }
-
-    async fn attempt_locked(
-        &mut self,
-        connection: &mut PgConnection,
-        requests: &[&CheckoutRequest],
-        claims: &[&ledger::Claim],
-        item_ids: &BTreeSet<Uuid>,
+        jobs: &mut Vec<Job>,
+        joining: Option<&mut Waiting<'_>>,
         reading: Reading,
     ) -> Result<Attempt, sqlx::Error> {
-        self.hold_items(connection, item_ids).await?;
-        let mut working = self.load(connection, requests, item_ids, reading).await?;
-        let mut decided = Decided::new(&mut working, requests);
-        if !working.items_read && decided.short_of_stock() {
-            // Copies the events' key would have caught when they let a
-            // checkout through, but a refusal stores nothing for it to
-            // check: decide again on the items as stored.
-            working = self
-                .load(connection, requests, item_ids, Reading::ChangesAndItems)
-                .await?;
-            decided = Decided::new(&mut working, requests);
+        let item_ids = item_ids(jobs.iter().map(|job| &job.request));
+        let copies: Vec<(Uuid, i64)> = item_ids
+            .iter()
+            .map(|id| (*id, self.items.get(id).map_or(0, |copy| copy.version)))
+            .collect();
+        // The turn on these items: from here the transaction is open, and
+        // every way out of this function commits it, rolls it back, or
+        // fails, and a failure drops the connection (see `put_back`).
+        let item_events = begin_turn(connection, &copies).await?;
+        // While this instance waited for its turn, more checkouts may have
+        // reached it; those whose items it now holds join the batch.
+        if let Some(waiting) = joining {
+            waiting.join(jobs, &item_ids);
+            metrics::histogram!("checkout_batch_size").record(jobs.len() as f64);
         }
-        let stored = store_batch(connection, &decided.events, &decided.deadlines, claims).await;
+        let requests: Vec<&CheckoutRequest> = jobs.iter().map(|job| &job.request).collect();
+        // Keys not yet claimed are claimed in the batch's own statement.
+        let claims: Vec<&ledger::Claim> = jobs.iter().filter_map(Job::unclaimed_key).collect();
+        let mut working = self
+            .load(connection, &requests, &item_ids, item_events, reading)
+            .await?;
+        let decided = Decided::new(&mut working, &requests);
+        let stored = store_batch(connection, &decided.events, &decided.deadlines, &claims).await;
         let position = match stored {
             Ok(Stored::Appended(position)) => position,
-            Ok(Stored::KeysTaken) => return Ok(Attempt::KeysTaken),
-            Err(AppendError::Conflict) => return Ok(Attempt::Conflict),
+            Ok(Stored::KeysTaken) => {
+                // The locks go now, before this batch's keys are claimed on
+                // their own.
+                connection.execute("ROLLBACK").await?;
+                return Ok(Attempt::KeysTaken);
+            }
+            Err(AppendError::Conflict) => {
+                // Nor are they held through the pause before the next try.
+                connection.execute("ROLLBACK").await?;
+                return Ok(Attempt::Conflict);
+            }
             Err(AppendError::Database(error)) => return Err(error),
         };
+        connection.execute("COMMIT").await?;
 
         if position.is_some() {
             self.store.signal_appended();
@@ -721,34 +593,52 @@ impl Worker {
         })
     }
 
-    /// Copies of every aggregate the batch touches, with what `reading`
-    /// asks for read from the store after the locks were taken, so that
-    /// nothing a lock holder stored before is missed.
+    /// This committer's connection, opened again after a failure.
+    async fn open_connection(&mut self) -> Result<PgConnection, sqlx::Error> {
+        match self.connection.take() {
+            Some(connection) => Ok(connection),
+            None => {
+                let options = crate::db::own_connection_options(
+                    self.store.pool(),
+                    crate::db::application_names::CHECKOUT_COMMITTER,
+                );
+                PgConnection::connect_with(&options).await
+            }
+        }
+    }
+
+    /// Keeps the connection after a success. After any error it is dropped,
+    /// which ends the session (and a transaction left open in it).
+    fn put_back(&mut self, connection: PgConnection, succeeded: bool) {
+        if succeeded {
+            self.connection = Some(connection);
+        }
+    }
+
+    /// Copies of every aggregate the batch touches: the items brought up
+    /// to date with `item_events` (their events since the copies, read
+    /// under their locks, so that nothing the last lock holder stored is
+    /// missed), and what else `reading` asks for read from the store.
     async fn load(
         &self,
         connection: &mut PgConnection,
         requests: &[&CheckoutRequest],
         item_ids: &BTreeSet<Uuid>,
+        item_events: Vec<StoredEvent>,
         reading: Reading,
     ) -> Result<Working, sqlx::Error> {
-        let mut keys = Vec::new();
-        let items_read = match reading {
-            Reading::Changes => !self
-                .held
-                .as_ref()
-                .is_some_and(|held| held.read_since_locked),
-            Reading::ChangesAndItems | Reading::Everything => true,
-        };
-        let mut items: HashMap<Uuid, Versioned<InventoryItem>> = HashMap::new();
-        for id in item_ids {
-            let copy = self.items.get(id).cloned().unwrap_or_default();
-            if items_read {
-                keys.push(("InventoryItem", *id, copy.version));
+        let mut items: HashMap<Uuid, Versioned<InventoryItem>> = item_ids
+            .iter()
+            .map(|id| (*id, self.items.get(id).cloned().unwrap_or_default()))
+            .collect();
+        for event in &item_events {
+            if let Ok(id) = event.aggregate_id.parse::<Uuid>() {
+                fold(items.get_mut(&id), event)?;
             }
-            items.insert(*id, copy);
         }
+        let mut keys = Vec::new();
         let handed = match reading {
-            Reading::Changes | Reading::ChangesAndItems => handed_carts(requests),
+            Reading::Changes => handed_carts(requests),
             Reading::Everything => HashMap::new(),
         };
         let mut carts: HashMap<Uuid, Versioned<Cart>> = HashMap::new();
@@ -788,7 +678,6 @@ impl Worker {
                     continue;
                 };
                 match event.aggregate_type.as_str() {
-                    "InventoryItem" => fold(items.get_mut(&id), &event)?,
                     "Cart" => fold(carts.get_mut(&id), &event)?,
                     _ => {
                         existing_orders.insert(id);
@@ -800,22 +689,12 @@ impl Worker {
             items,
             carts,
             existing_orders,
-            items_read,
         })
     }
 
     fn keep(&mut self, working: Working) {
-        if let Some(held) = &mut self.held {
-            // Only a read of every held item makes all their copies current.
-            if working.items_read && held.items.iter().all(|id| working.items.contains_key(id)) {
-                held.read_since_locked = true;
-            }
-        }
         if self.items.len() > MAX_CACHED {
             self.items.clear();
-            if let Some(held) = &mut self.held {
-                held.read_since_locked = false;
-            }
         }
         if self.carts.len() > MAX_CACHED {
             self.carts.clear();
@@ -888,13 +767,6 @@ impl Decided {
             decided.outcomes.push(outcome);
         }
         decided
-    }
-
-    /// Whether a checkout was refused for want of stock.
-    fn short_of_stock(&self) -> bool {
-        self.outcomes
-            .iter()
-            .any(|outcome| matches!(outcome, Ok(CheckoutOutcome::Short(_))))
     }
 }
 
@@ -1065,28 +937,50 @@ fn cart_matches(cart_events: &[CartEvent], lines: &[NewOrderLine]) -> bool {
         })
 }
 
-/// Takes the items' locks for the session, in id order (a `BTreeSet`
-/// iterates sorted).
-async fn lock_items(
+/// Opens a batch's transaction, takes the locks of its items (`copies`:
+/// each item's id and the version of the worker's copy) one after another
+/// in id order (a `BTreeSet` iterates sorted), and reads the items' events
+/// after those versions, all in one round trip: statements of one simple
+/// query, each with a snapshot of its own, so the read sees everything the
+/// last lock holder committed. The ids and versions are a uuid's and an
+/// integer's own formatting, nothing a caller wrote.
+async fn begin_turn(
     connection: &mut PgConnection,
-    item_ids: &BTreeSet<Uuid>,
-) -> Result<(), sqlx::Error> {
-    let ids: Vec<String> = item_ids.iter().map(Uuid::to_string).collect();
-    sqlx::query(
-        "SELECT pg_advisory_lock(hashtextextended('InventoryItem/' || id, 0)) \
-         FROM unnest($1::text[]) WITH ORDINALITY AS ids(id, n) ORDER BY n",
-    )
-    .bind(&ids)
-    .execute(connection)
-    .await?;
-    Ok(())
-}
-
-async fn unlock_all(connection: &mut PgConnection) -> Result<(), sqlx::Error> {
-    sqlx::query("SELECT pg_advisory_unlock_all()")
-        .execute(connection)
-        .await?;
-    Ok(())
+    copies: &[(Uuid, i64)],
+) -> Result<Vec<StoredEvent>, sqlx::Error> {
+    let mut sql = String::from("BEGIN");
+    for (id, _) in copies {
+        sql.push_str(&format!(
+            "; SELECT pg_advisory_xact_lock(hashtextextended('InventoryItem/{id}', 0))"
+        ));
+    }
+    let after: Vec<String> = copies
+        .iter()
+        .map(|(id, version)| format!("('{id}', {version}::bigint)"))
+        .collect();
+    sql.push_str(&format!(
+        "; SELECT {} FROM (VALUES {}) AS k(aggregate_id, after) \
+         JOIN events e ON e.aggregate_type = 'InventoryItem' \
+                      AND e.aggregate_id = k.aggregate_id AND e.sequence > k.after \
+         ORDER BY e.aggregate_id, e.sequence",
+        qualified_columns(),
+        after.join(", ")
+    ));
+    // The read's rows come after the results of `BEGIN` and of each lock.
+    let statements_before_read = 1 + copies.len();
+    let mut finished = 0;
+    let mut events = Vec::new();
+    let mut results = sqlx::raw_sql(&sql).fetch_many(&mut *connection);
+    while let Some(result) = results.try_next().await? {
+        match result {
+            Either::Left(_) => finished += 1,
+            Either::Right(row) if finished == statements_before_read => {
+                events.push(StoredEvent::from_row(&row)?);
+            }
+            Either::Right(_) => {}
+        }
+    }
+    Ok(events)
 }
 
 /// Every stored event after the given version of each aggregate, in order.

@@ -9,7 +9,7 @@ use uuid::Uuid;
 
 use commerce::event_store::{EventStore, Metadata};
 use commerce::shop::checkout_commit::{
-    CheckoutCommitter, CheckoutError, CheckoutOutcome, CheckoutRequest, Turns,
+    CheckoutCommitter, CheckoutError, CheckoutOutcome, CheckoutRequest,
 };
 use domain::order::NewOrderLine;
 use domain::values::{Currency, Money, Name, Quantity, Sku};
@@ -1198,6 +1198,102 @@ async fn the_cart_is_served_from_redis_with_current_prices_and_from_postgres_whe
     );
 }
 
+/// What a sampler of `pg_locks` saw while a sale ran.
+#[derive(Debug, Default)]
+struct AdvisoryLocksSeen {
+    /// Samples in which some session of the database held an advisory lock.
+    samples_with_locks: usize,
+    /// The sessions (by `application_name`) seen holding one while idle,
+    /// out of any transaction, since before the sample began, and how often.
+    idle_holders: std::collections::BTreeMap<String, usize>,
+}
+
+/// Samples the advisory locks of `app`'s database until `done` is set.
+/// A lock held by a session that went idle before the sample began (and
+/// so before its locks were read: the activity is read after them, in the
+/// same transaction) is a session-level lock kept between transactions:
+/// session state that a transaction-mode pooler would hand, with the
+/// server connection, to whichever client runs there next.
+async fn advisory_locks_until(
+    app: &TestApp,
+    done: &std::sync::atomic::AtomicBool,
+) -> AdvisoryLocksSeen {
+    use sqlx::Connection;
+    let mut seen = AdvisoryLocksSeen::default();
+    let mut connection = app.pool.acquire().await.unwrap();
+    while !done.load(std::sync::atomic::Ordering::Acquire) {
+        let mut sample = connection.begin().await.unwrap();
+        let began: chrono::DateTime<chrono::Utc> = sqlx::query_scalar("SELECT clock_timestamp()")
+            .fetch_one(&mut *sample)
+            .await
+            .unwrap();
+        let holders: Vec<i32> = sqlx::query_scalar(
+            "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted \
+             AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+        )
+        .fetch_all(&mut *sample)
+        .await
+        .unwrap();
+        if !holders.is_empty() {
+            seen.samples_with_locks += 1;
+            let idle: Vec<String> = sqlx::query_scalar(
+                "SELECT coalesce(application_name, '') FROM pg_stat_activity \
+                 WHERE pid = ANY($1) AND state = 'idle' AND state_change < $2",
+            )
+            .bind(&holders)
+            .bind(began)
+            .fetch_all(&mut *sample)
+            .await
+            .unwrap();
+            for name in idle {
+                *seen.idle_holders.entry(name).or_default() += 1;
+            }
+        }
+        sample.commit().await.unwrap();
+    }
+    seen
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn instances_hold_no_lock_between_transactions_so_a_transaction_pooler_can_carry_them() {
+    let first = spawn_app().await;
+    let second = spawn_instance_like(&first).await;
+    let instances = [&first, &second];
+    let admin = TestUser::create_admin(&first).await;
+    let hot = product_with_stock(&first, &admin, 40).await;
+    let buyers = buyers_with_one_unit(&first, hot, 100).await;
+
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let sale = async {
+        let answers = futures_util::future::join_all(buyers.iter().enumerate().map(
+            |(index, buyer)| async move {
+                checkout(instances[index % 2], buyer, "drop")
+                    .await
+                    .status()
+                    .as_u16()
+            },
+        ))
+        .await;
+        // And past the projections' leader's next renewal, with no sale.
+        tokio::time::sleep(Duration::from_millis(1_500)).await;
+        done.store(true, std::sync::atomic::Ordering::Release);
+        answers
+    };
+    let (answers, seen) = tokio::join!(sale, advisory_locks_until(&first, &done));
+
+    assert_eq!(answers.iter().filter(|status| **status == 201).count(), 40);
+    assert_eq!(answers.iter().filter(|status| **status == 409).count(), 60);
+    assert!(
+        seen.samples_with_locks > 0,
+        "the sampler saw no advisory lock at all: the committers' turns went unseen"
+    );
+    assert!(
+        seen.idle_holders.is_empty(),
+        "sessions held advisory locks outside a transaction: {:?}",
+        seen.idle_holders
+    );
+}
+
 async fn cart_product(app: &TestApp, variant_id: Uuid) -> Uuid {
     sqlx::query_scalar("SELECT product_id FROM catalog_variants WHERE id = $1")
         .bind(variant_id)
@@ -1330,17 +1426,12 @@ async fn a_checkout_whose_cached_cart_is_behind_the_cart_orders_what_the_cart_ho
     assert_eq!(counts(&stock(&app, &admin, variant).await), (10, 3, 7));
 }
 
-/// A committer of the test's own that keeps its items between checkouts
-/// for a minute, as one busy in a sale does between batches.
-fn committer_holding_items(app: &TestApp) -> CheckoutCommitter {
-    let turns = Turns {
-        hold_for: Duration::from_secs(60),
-        idle_grace: Duration::from_secs(60),
-    };
-    let (committer, committing) = CheckoutCommitter::with_turns(
+/// A committer of the test's own, which keeps its copies of the items it
+/// sold from one batch to the next, as every committer does.
+fn committer_of_its_own(app: &TestApp) -> CheckoutCommitter {
+    let (committer, committing) = CheckoutCommitter::new(
         EventStore::new(app.pool.clone()),
         VersionedCache::disabled(),
-        turns,
     );
     tokio::spawn(committing);
     committer
@@ -1372,8 +1463,7 @@ async fn one_unit_request(app: &TestApp, buyer: &TestUser, variant_id: Uuid) -> 
     }
 }
 
-/// A committer that keeps its items between checkouts sells one of
-/// `stock` units to a first buyer; an admin then changes the stock through
+/// A committer sells one of `stock` units to a first buyer; an admin then changes the stock through
 /// `stock_route` (the command bus, which takes no item lock, so the
 /// committer's copy of the item is left behind); a second buyer checks out
 /// one unit with that committer. Returns the second checkout's outcome and
@@ -1388,7 +1478,7 @@ async fn second_checkout_after_a_stock_change_behind_the_committer(
     let variant = product_with_stock(&app, &admin, stock_units).await;
     let first = buyer_with_cart(&app, variant, 1).await;
     let second = buyer_with_cart(&app, variant, 1).await;
-    let committer = committer_holding_items(&app);
+    let committer = committer_of_its_own(&app);
 
     let sold = committer
         .check_out(one_unit_request(&app, &first, variant).await)
