@@ -35,6 +35,11 @@ pub struct Settings {
     pub environment: Environment,
     pub database_url: SecretString,
     pub database_max_connections: u32,
+    /// Whether `serve` creates the database and applies migrations when it
+    /// starts. Off behind a transaction-mode pooler: sqlx's migrator holds
+    /// a session lock, so `commerce migrate` runs against Postgres itself
+    /// and `serve` only checks that nothing is missing.
+    pub migrate_on_start: bool,
     pub redis_url: SecretString,
     /// Prefix of every Redis key this instance writes, so that several
     /// deployments (or parallel tests) can share one Redis.
@@ -173,6 +178,7 @@ impl Settings {
                     .unwrap_or_else(|| "postgres://postgres@127.0.0.1:5432/commerce".into()),
             ),
             database_max_connections: env.parse("DATABASE_MAX_CONNECTIONS", 20)?,
+            migrate_on_start: env.parse_bool("MIGRATE_ON_START", true)?,
             redis_url: SecretString::from(
                 env.get("REDIS_URL")
                     .unwrap_or_else(|| "redis://127.0.0.1:6379".into()),
@@ -342,6 +348,7 @@ mod tests {
         assert_eq!(s.shop_currency.as_str(), "USD");
         assert_eq!(s.payment_provider, PaymentProviderKind::Fake);
         assert!(!s.cookie_secure);
+        assert!(s.migrate_on_start);
         assert_eq!(s.database_name().as_deref(), Some("commerce"));
     }
 
@@ -359,6 +366,7 @@ mod tests {
             ("HTTP_WORKERS", "0"),
             ("ORDER_HOLD_SECONDS", "-5"),
             ("COOKIE_SECURE", "maybe"),
+            ("MIGRATE_ON_START", "sometimes"),
             ("TRUSTED_PROXIES", "10.0.0.1,nope"),
             ("PAYMENT_PROVIDER", "paypal"),
             ("JWT_SECRET", "short"),

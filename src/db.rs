@@ -107,3 +107,37 @@ pub async fn migrate(pool: &PgPool) -> anyhow::Result<()> {
     MIGRATOR.run(pool).await?;
     Ok(())
 }
+
+/// Fails, naming each migration this build brings that the database lacks,
+/// unless there is none: for a server that does not migrate at start.
+pub async fn check_migrated(pool: &PgPool) -> anyhow::Result<()> {
+    const UNDEFINED_TABLE: &str = "42P01";
+    let applied: Vec<i64> =
+        match sqlx::query_scalar("SELECT version FROM _sqlx_migrations WHERE success")
+            .fetch_all(pool)
+            .await
+        {
+            Ok(applied) => applied,
+            Err(sqlx::Error::Database(error))
+                if error.code().as_deref() == Some(UNDEFINED_TABLE) =>
+            {
+                Vec::new()
+            }
+            Err(error) => return Err(error.into()),
+        };
+    let missing: Vec<String> = MIGRATOR
+        .iter()
+        .filter(|migration| {
+            !migration.migration_type.is_down_migration() && !applied.contains(&migration.version)
+        })
+        .map(|migration| format!("{:04} {}", migration.version, migration.description))
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    anyhow::bail!(
+        "MIGRATE_ON_START is false and the database lacks migrations ({}): \
+         run `commerce migrate` against it first",
+        missing.join(", ")
+    )
+}

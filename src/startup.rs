@@ -35,11 +35,20 @@ pub struct Application {
 }
 
 impl Application {
-    /// Connects, migrates and binds; nothing is served until `run_until_stopped`.
+    /// Connects, migrates (or, with `MIGRATE_ON_START` off, checks that
+    /// nothing is left to migrate) and binds; nothing is served until
+    /// `run_until_stopped`.
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
-        crate::db::create_database_if_missing(&settings).await?;
-        let pool = crate::db::connect(&settings).await?;
-        crate::db::migrate(&pool).await?;
+        let pool = if settings.migrate_on_start {
+            crate::db::create_database_if_missing(&settings).await?;
+            let pool = crate::db::connect(&settings).await?;
+            crate::db::migrate(&pool).await?;
+            pool
+        } else {
+            let pool = crate::db::connect(&settings).await?;
+            crate::db::check_migrated(&pool).await?;
+            pool
+        };
         Self::build_with_pool(settings, pool).await
     }
 

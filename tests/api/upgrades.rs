@@ -1,5 +1,6 @@
-//! Migrations that move data: what an older release stored means the same
-//! after the upgrade as what the new code writes.
+//! Upgrades: migrations that move data (what an older release stored means
+//! the same after the upgrade as what the new code writes), and a server
+//! that leaves migrating to `commerce migrate`.
 
 use domain::order::OrderLine;
 use domain::values::{Name, Sku};
@@ -107,4 +108,30 @@ async fn an_orders_lines_move_into_its_row_as_the_orders_projection_writes_them(
         .await
         .unwrap();
     assert!(!table_left, "order_lines is dropped");
+}
+
+#[tokio::test]
+async fn a_server_told_not_to_migrate_refuses_a_database_that_lacks_migrations() {
+    let mut settings = test_settings();
+    settings.migrate_on_start = false;
+    // The database exists, empty: as an operator who forgot `commerce migrate`.
+    commerce::db::create_database_if_missing(&settings)
+        .await
+        .unwrap();
+    let refused = match commerce::startup::Application::build(settings.clone()).await {
+        Ok(_) => panic!("a server started on a database without its tables"),
+        Err(error) => error.to_string(),
+    };
+    assert!(refused.contains("MIGRATE_ON_START"), "{refused}");
+    assert!(
+        refused.contains("0016 projection leader lease"),
+        "{refused}"
+    );
+
+    let pool = commerce::db::connect(&settings).await.unwrap();
+    commerce::db::migrate(&pool).await.unwrap();
+    let application = commerce::startup::Application::build(settings)
+        .await
+        .expect("a migrated database is served without migrating");
+    assert_ne!(application.port(), 0);
 }
