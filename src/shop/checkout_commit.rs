@@ -954,6 +954,12 @@ async fn begin_turn(
             "; SELECT pg_advisory_xact_lock(hashtextextended('InventoryItem/{id}', 0))"
         ));
     }
+    if copies.is_empty() {
+        // Checkouts without lines (the committer's callers send none, but
+        // it answers them, as empty carts, rather than fail on `VALUES ()`).
+        connection.execute(sql.as_str()).await?;
+        return Ok(Vec::new());
+    }
     let after: Vec<String> = copies
         .iter()
         .map(|(id, version)| format!("('{id}', {version}::bigint)"))

@@ -1499,6 +1499,23 @@ async fn second_checkout_after_a_stock_change_behind_the_committer(
 }
 
 #[tokio::test]
+async fn a_checkout_without_lines_is_answered_as_an_empty_cart_not_failed() {
+    let app = spawn_app().await;
+    let admin = TestUser::create_admin(&app).await;
+    let variant = product_with_stock(&app, &admin, 1).await;
+    let buyer = buyer_with_cart(&app, variant, 1).await;
+    let mut request = one_unit_request(&app, &buyer, variant).await;
+    request.lines.clear();
+
+    let answer = committer_of_its_own(&app).check_out(request).await;
+    assert!(
+        matches!(answer.outcome, Ok(CheckoutOutcome::CartEmpty)),
+        "{answer:?}"
+    );
+    assert_eq!(counts(&stock(&app, &admin, variant).await), (1, 0, 1));
+}
+
+#[tokio::test]
 async fn a_committer_between_batches_refuses_only_on_stock_as_stored() {
     // The only unit is sold; a restock brings one more.
     let (outcome, stock) = second_checkout_after_a_stock_change_behind_the_committer(
