@@ -544,14 +544,22 @@ impl Worker {
         reading: Reading,
     ) -> Result<Attempt, sqlx::Error> {
         let item_ids = item_ids(jobs.iter().map(|job| &job.request));
-        let copies: Vec<(Uuid, i64)> = item_ids
+        let mut items: HashMap<Uuid, Versioned<InventoryItem>> = item_ids
             .iter()
-            .map(|id| (*id, self.items.get(id).map_or(0, |copy| copy.version)))
+            .map(|id| (*id, self.items.get(id).cloned().unwrap_or_default()))
+            .collect();
+        let versions: Vec<(Uuid, i64)> = item_ids
+            .iter()
+            .map(|id| (*id, items.get(id).map_or(0, |copy| copy.version)))
             .collect();
         // The turn on these items: from here the transaction is open, and
         // every way out of this function commits it, rolls it back, or
         // fails, and a failure drops the connection (see `put_back`).
-        let item_events = begin_turn(connection, &copies).await?;
+        for event in begin_turn(connection, &versions).await? {
+            if let Ok(id) = event.aggregate_id.parse::<Uuid>() {
+                fold(items.get_mut(&id), &event)?;
+            }
+        }
         // While this instance waited for its turn, more checkouts may have
         // reached it; those whose items it now holds join the batch.
         if let Some(waiting) = joining {
@@ -561,9 +569,7 @@ impl Worker {
         let requests: Vec<&CheckoutRequest> = jobs.iter().map(|job| &job.request).collect();
         // Keys not yet claimed are claimed in the batch's own statement.
         let claims: Vec<&ledger::Claim> = jobs.iter().filter_map(Job::unclaimed_key).collect();
-        let mut working = self
-            .load(connection, &requests, &item_ids, item_events, reading)
-            .await?;
+        let mut working = self.load(connection, &requests, items, reading).await?;
         let decided = Decided::new(&mut working, &requests);
         let stored = store_batch(connection, &decided.events, &decided.deadlines, &claims).await;
         let position = match stored {
@@ -615,27 +621,16 @@ impl Worker {
         }
     }
 
-    /// Copies of every aggregate the batch touches: the items brought up
-    /// to date with `item_events` (their events since the copies, read
-    /// under their locks, so that nothing the last lock holder stored is
-    /// missed), and what else `reading` asks for read from the store.
+    /// Copies of every aggregate the batch touches: `items`, already
+    /// brought up to date under their locks, and the carts and orders,
+    /// with what `reading` asks for read from the store.
     async fn load(
         &self,
         connection: &mut PgConnection,
         requests: &[&CheckoutRequest],
-        item_ids: &BTreeSet<Uuid>,
-        item_events: Vec<StoredEvent>,
+        items: HashMap<Uuid, Versioned<InventoryItem>>,
         reading: Reading,
     ) -> Result<Working, sqlx::Error> {
-        let mut items: HashMap<Uuid, Versioned<InventoryItem>> = item_ids
-            .iter()
-            .map(|id| (*id, self.items.get(id).cloned().unwrap_or_default()))
-            .collect();
-        for event in &item_events {
-            if let Ok(id) = event.aggregate_id.parse::<Uuid>() {
-                fold(items.get_mut(&id), event)?;
-            }
-        }
         let mut keys = Vec::new();
         let handed = match reading {
             Reading::Changes => handed_carts(requests),
@@ -937,7 +932,7 @@ fn cart_matches(cart_events: &[CartEvent], lines: &[NewOrderLine]) -> bool {
         })
 }
 
-/// Opens a batch's transaction, takes the locks of its items (`copies`:
+/// Opens a batch's transaction, takes the locks of its items (`versions`:
 /// each item's id and the version of the worker's copy) one after another
 /// in id order (a `BTreeSet` iterates sorted), and reads the items' events
 /// after those versions, all in one round trip: statements of one simple
@@ -946,21 +941,21 @@ fn cart_matches(cart_events: &[CartEvent], lines: &[NewOrderLine]) -> bool {
 /// integer's own formatting, nothing a caller wrote.
 async fn begin_turn(
     connection: &mut PgConnection,
-    copies: &[(Uuid, i64)],
+    versions: &[(Uuid, i64)],
 ) -> Result<Vec<StoredEvent>, sqlx::Error> {
     let mut sql = String::from("BEGIN");
-    for (id, _) in copies {
+    for (id, _) in versions {
         sql.push_str(&format!(
             "; SELECT pg_advisory_xact_lock(hashtextextended('InventoryItem/{id}', 0))"
         ));
     }
-    if copies.is_empty() {
+    if versions.is_empty() {
         // Checkouts without lines (the committer's callers send none, but
         // it answers them, as empty carts, rather than fail on `VALUES ()`).
         connection.execute(sql.as_str()).await?;
         return Ok(Vec::new());
     }
-    let after: Vec<String> = copies
+    let after: Vec<String> = versions
         .iter()
         .map(|(id, version)| format!("('{id}', {version}::bigint)"))
         .collect();
@@ -973,7 +968,7 @@ async fn begin_turn(
         after.join(", ")
     ));
     // The read's rows come after the results of `BEGIN` and of each lock.
-    let statements_before_read = 1 + copies.len();
+    let statements_before_read = 1 + versions.len();
     let mut finished = 0;
     let mut events = Vec::new();
     let mut results = sqlx::raw_sql(&sql).fetch_many(&mut *connection);
