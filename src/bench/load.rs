@@ -171,8 +171,22 @@ pub fn ms(duration: Duration) -> String {
     } else if millis < 100.0 {
         format!("{millis:.1} ms")
     } else {
-        format!("{millis:.0} ms")
+        format!("{} ms", grouped(millis.round() as u64))
     }
+}
+
+/// A whole number with its thousands grouped by commas, as the README
+/// writes figures: `4544` is `4,544`.
+pub fn grouped(value: u64) -> String {
+    let digits = value.to_string();
+    let mut grouped = String::with_capacity(digits.len() + digits.len() / 3);
+    for (index, digit) in digits.chars().enumerate() {
+        if index > 0 && (digits.len() - index) % 3 == 0 {
+            grouped.push(',');
+        }
+        grouped.push(digit);
+    }
+    grouped
 }
 
 /// One job: given its number and the worker's connections, send whatever
@@ -302,5 +316,14 @@ mod tests {
             (Duration::from_millis(7), Duration::from_millis(7))
         );
         assert_eq!(Latencies::of(Vec::new()).count, 0);
+    }
+
+    #[test]
+    fn long_durations_are_whole_milliseconds_grouped_by_thousands() {
+        assert_eq!(ms(Duration::from_micros(4_567)), "4.57 ms");
+        assert_eq!(ms(Duration::from_micros(45_670)), "45.7 ms");
+        assert_eq!(ms(Duration::from_micros(456_700)), "457 ms");
+        assert_eq!(ms(Duration::from_micros(4_543_600)), "4,544 ms");
+        assert_eq!(grouped(100_001), "100,001");
     }
 }

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use super::baseline::{HotRow, SqlSearch};
 use super::goals;
-use super::load::{ms, rate, Latencies, Run};
+use super::load::{grouped, ms, rate, Latencies, Run};
 
 /// The machine the run happened on.
 #[derive(Debug, Clone, Default)]
@@ -156,16 +156,7 @@ pub struct Row {
 }
 
 fn per_second(value: f64) -> String {
-    let rounded = value.round() as u64;
-    let digits = rounded.to_string();
-    let mut grouped = String::new();
-    for (index, digit) in digits.chars().enumerate() {
-        if index > 0 && (digits.len() - index) % 3 == 0 {
-            grouped.push(',');
-        }
-        grouped.push(digit);
-    }
-    format!("{grouped}/s")
+    format!("{}/s", grouped(value.round() as u64))
 }
 
 fn ratio(ours: f64, baseline: f64) -> Option<f64> {
@@ -265,7 +256,8 @@ impl Report {
             rows.push(Row {
                 figure: format!(
                     "search p95, HTTP vs SQL (q={:?}, {} products)",
-                    search.query, search.products
+                    search.query,
+                    grouped(search.products)
                 ),
                 ours: ms(http.p95),
                 baseline: ms(search.sql.latencies.p95),
