@@ -52,6 +52,7 @@ use domain::values::{Currency, Quantity};
 use domain::Decider;
 use futures_util::future::BoxFuture;
 use futures_util::TryStreamExt;
+use projections::stored_event::STORED_EVENT_COLUMNS;
 use projections::{GlobalPosition, StoredEvent};
 use rand::Rng;
 use sqlx::{Connection, Either, Executor, FromRow, PgConnection};
@@ -960,11 +961,10 @@ async fn begin_turn(
         .map(|(id, version)| format!("('{id}', {version}::bigint)"))
         .collect();
     sql.push_str(&format!(
-        "; SELECT {} FROM (VALUES {}) AS k(aggregate_id, after) \
+        "; SELECT {STORED_EVENT_COLUMNS} FROM (VALUES {}) AS k(id, after) \
          JOIN events e ON e.aggregate_type = 'InventoryItem' \
-                      AND e.aggregate_id = k.aggregate_id AND e.sequence > k.after \
+                      AND e.aggregate_id = k.id AND e.sequence > k.after \
          ORDER BY e.aggregate_id, e.sequence",
-        qualified_columns(),
         after.join(", ")
     ));
     // The read's rows come after the results of `BEGIN` and of each lock.
@@ -992,26 +992,19 @@ async fn events_after(
     let types: Vec<&str> = keys.iter().map(|key| key.0).collect();
     let ids: Vec<String> = keys.iter().map(|key| key.1.to_string()).collect();
     let after: Vec<i64> = keys.iter().map(|key| key.2).collect();
+    // The keys' columns are named apart from the events' so that the
+    // events' columns need no qualifying.
     sqlx::query_as::<_, StoredEvent>(&format!(
-        "SELECT {} FROM UNNEST($1::text[], $2::text[], $3::bigint[]) AS k(aggregate_type, aggregate_id, after) \
-         JOIN events e ON e.aggregate_type = k.aggregate_type AND e.aggregate_id = k.aggregate_id \
+        "SELECT {STORED_EVENT_COLUMNS} FROM UNNEST($1::text[], $2::text[], $3::bigint[]) AS k(kind, id, after) \
+         JOIN events e ON e.aggregate_type = k.kind AND e.aggregate_id = k.id \
                       AND e.sequence > k.after \
-         ORDER BY e.aggregate_type, e.aggregate_id, e.sequence",
-        qualified_columns()
+         ORDER BY e.aggregate_type, e.aggregate_id, e.sequence"
     ))
     .bind(&types)
     .bind(&ids)
     .bind(&after)
     .fetch_all(connection)
     .await
-}
-
-fn qualified_columns() -> String {
-    projections::stored_event::STORED_EVENT_COLUMNS
-        .split(',')
-        .map(|column| format!("e.{}", column.trim()))
-        .collect::<Vec<_>>()
-        .join(", ")
 }
 
 /// What storing a batch did.

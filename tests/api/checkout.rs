@@ -1463,10 +1463,10 @@ async fn one_unit_request(app: &TestApp, buyer: &TestUser, variant_id: Uuid) -> 
     }
 }
 
-/// A committer sells one of `stock` units to a first buyer; an admin then changes the stock through
-/// `stock_route` (the command bus, which takes no item lock, so the
-/// committer's copy of the item is left behind); a second buyer checks out
-/// one unit with that committer. Returns the second checkout's outcome and
+/// A committer sells one of `stock` units to a first buyer; an admin then
+/// changes the stock through `stock_route` (the command bus, which takes no
+/// item lock, so the committer's copy of the item is left behind); a second
+/// buyer checks out one unit with that committer. Returns the second checkout's outcome and
 /// the stock as its events give it afterwards.
 async fn second_checkout_after_a_stock_change_behind_the_committer(
     stock_units: u32,
