@@ -1,5 +1,7 @@
 //! Ends holds whose deadline has passed: the order is cancelled as expired
-//! and its stock goes back, through the same commands as everything else.
+//! and its stock goes back, through the same commands as everything else;
+//! a paid order's units are committed if its payment's commit did not
+//! happen.
 //!
 //! Deadlines live in Postgres. Any number of instances run this; a deadline
 //! is leased (`FOR UPDATE SKIP LOCKED` picks it, a lease marks it taken) so
@@ -11,7 +13,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use domain::inventory::ReleaseReason;
-use domain::order::{CancelReason, OrderCommand, OrderError};
+use domain::order::{CancelReason, OrderCommand, OrderError, OrderStatus};
 use tokio::sync::watch;
 use uuid::Uuid;
 
@@ -102,7 +104,19 @@ async fn expire(
         Ok(_) => true,
         // Never placed: the checkout died after reserving; give the stock back.
         Err(CommandError::Rejected(OrderError::NotPlaced)) => true,
-        // Paid (or refunded) before the deadline: the hold ended well.
+        // Paid before the deadline: its payment committed the units, unless
+        // that commit failed and nobody retried; settle them now (a no-op
+        // for units already committed) so that no hold outlives its order.
+        Err(CommandError::Rejected(OrderError::InvalidTransition {
+            from: OrderStatus::Paid,
+            ..
+        })) => {
+            crate::shop::payment::settle_paid_stock(state, order_id, &metadata)
+                .await
+                .map_err(|error| error.to_string())?;
+            false
+        }
+        // Refunded before the deadline: the hold ended with its payment.
         Err(CommandError::Rejected(OrderError::InvalidTransition { .. })) => false,
         Err(error) => return Err(error.to_string()),
     };

@@ -94,7 +94,12 @@ pub async fn settle_paid(
     };
     match execute_order(state, order_id, confirm, metadata).await {
         Ok(position) => {
-            commit_stock(state, order_id, &variants_of(&order), metadata).await?;
+            if !keep_stock(state, order_id, &variants_of(&order), metadata).await? {
+                // Paid already, by a late payment whose hold was released
+                // before its units were committed, and they are gone now.
+                return refund_order(state, order_id, &intent.id, intent.amount_cents, metadata)
+                    .await;
+            }
             wait_for_orders(state, position).await?;
             Ok(Settlement::Paid)
         }
@@ -106,7 +111,7 @@ pub async fn settle_paid(
         })) => Ok(Settlement::Refunded),
         // Paid already, with another payment: give this one back.
         Err(CommandError::Rejected(OrderError::PaymentIntentMismatch { .. })) => {
-            refund_at_provider(state, order_id, intent).await?;
+            refund_at_provider(state, order_id, &intent.id, intent.amount_cents).await?;
             Ok(Settlement::Refunded)
         }
         Err(error) => Err(ApiError::from_command(error, order_rejection)),
@@ -123,24 +128,108 @@ fn variants_of(order: &Order) -> Vec<(Uuid, u32)> {
     lines
 }
 
+/// Whether every line of a paid order was committed.
+enum Committed {
+    All,
+    /// A line's hold was gone: released (by the scheduler, say) before the
+    /// payment could commit it. The lines before it are committed.
+    HoldGone,
+}
+
 /// The paid order's reserved units leave `on_hand` for good.
 async fn commit_stock(
     state: &AppState,
     order_id: Uuid,
     lines: &[(Uuid, u32)],
     metadata: &Metadata,
-) -> Result<(), ApiError> {
+) -> Result<Committed, ApiError> {
     for (variant_id, _) in lines {
         let commit = InventoryCommand::Commit { order_id };
-        state
+        match state
             .inventory
             .execute(&variant_id.to_string(), commit, metadata.clone())
             .await
-            .map_err(|error| {
-                ApiError::from_command(error, |e| ApiError::internal(anyhow::anyhow!(e)))
-            })?;
+        {
+            Ok(_) => {}
+            Err(CommandError::Rejected(InventoryError::NoReservation { .. })) => {
+                return Ok(Committed::HoldGone)
+            }
+            Err(error) => {
+                return Err(ApiError::from_command(error, |e| {
+                    ApiError::internal(anyhow::anyhow!(e))
+                }))
+            }
+        }
     }
-    Ok(())
+    Ok(Committed::All)
+}
+
+/// Commits a paid order's units, taking a line's units again first when
+/// its hold was released under the payment (the scheduler expiring the
+/// order as the payment arrived, or after a commit that failed). False,
+/// with none of the order's units left held, when some line's units are
+/// gone: the money cannot be kept.
+async fn keep_stock(
+    state: &AppState,
+    order_id: Uuid,
+    lines: &[(Uuid, u32)],
+    metadata: &Metadata,
+) -> Result<bool, ApiError> {
+    for _ in 0..LATE_PAYMENT_ATTEMPTS {
+        if let Committed::All = commit_stock(state, order_id, lines, metadata).await? {
+            return Ok(true);
+        }
+        if !reserve_again(state, order_id, lines, metadata).await? {
+            break;
+        }
+    }
+    release_lines(state, order_id, lines, ReleaseReason::Cancelled, metadata).await?;
+    Ok(false)
+}
+
+/// Gives back whatever the order holds on each line (nothing, for a line
+/// not held or already committed).
+async fn release_lines(
+    state: &AppState,
+    order_id: Uuid,
+    lines: &[(Uuid, u32)],
+    reason: ReleaseReason,
+    metadata: &Metadata,
+) -> Result<(), ApiError> {
+    let variant_ids: Vec<Uuid> = lines.iter().map(|(id, _)| *id).collect();
+    release_variants(state, order_id, &variant_ids, reason, metadata)
+        .await
+        .map_err(|e| ApiError::internal(anyhow::anyhow!(e)))
+}
+
+/// At a paid order's deadline: makes sure its payment's units were
+/// committed (a commit that failed with nobody retrying would otherwise
+/// hold them forever), and refunds the payment if they are gone.
+pub async fn settle_paid_stock(
+    state: &AppState,
+    order_id: Uuid,
+    metadata: &Metadata,
+) -> Result<(), ApiError> {
+    let Some(order) = load_order(state, order_id).await? else {
+        return Ok(());
+    };
+    if order.status() != Some(OrderStatus::Paid) {
+        return Ok(());
+    }
+    if keep_stock(state, order_id, &variants_of(&order), metadata).await? {
+        return Ok(());
+    }
+    let (Some(intent_id), Some(amount_cents)) =
+        (order.payment_intent_id(), order.paid_amount_cents())
+    else {
+        return Err(ApiError::internal(anyhow::anyhow!(
+            "paid order {order_id} records no payment to refund"
+        )));
+    };
+    tracing::error!(%order_id, "paid order's units are gone; refunding");
+    refund_order(state, order_id, intent_id, amount_cents, metadata)
+        .await
+        .map(drop)
 }
 
 /// A payment that arrived after the order was cancelled: take the stock
@@ -153,54 +242,37 @@ async fn honour_or_refund(
     metadata: &Metadata,
 ) -> Result<Settlement, ApiError> {
     let lines = variants_of(order);
-    for _ in 0..LATE_PAYMENT_ATTEMPTS {
-        if !reserve_again(state, order_id, &lines, metadata).await? {
-            break;
-        }
-        let honour = OrderCommand::HonourLatePayment {
-            payment_intent_id: intent.id.clone(),
-            amount_cents: intent.amount_cents,
-            currency: intent.currency.clone(),
-            paid_at: Utc::now(),
-        };
-        let honoured = execute_order(state, order_id, honour, metadata).await;
-        if let Err(error) = honoured {
-            let variant_ids: Vec<Uuid> = lines.iter().map(|(id, _)| *id).collect();
-            let _ = release_variants(
-                state,
-                order_id,
-                &variant_ids,
-                ReleaseReason::Cancelled,
-                metadata,
-            )
-            .await;
+    if !reserve_again(state, order_id, &lines, metadata).await? {
+        return refund_order(state, order_id, &intent.id, intent.amount_cents, metadata).await;
+    }
+    let honour = OrderCommand::HonourLatePayment {
+        payment_intent_id: intent.id.clone(),
+        amount_cents: intent.amount_cents,
+        currency: intent.currency.clone(),
+        paid_at: Utc::now(),
+    };
+    let position = match execute_order(state, order_id, honour, metadata).await {
+        Ok(position) => position,
+        Err(error) => {
+            let _ =
+                release_lines(state, order_id, &lines, ReleaseReason::Cancelled, metadata).await;
             return match error {
                 CommandError::Rejected(OrderError::NotHonourable { .. })
                 | CommandError::Rejected(OrderError::InvalidTransition { .. }) => {
-                    refund_order(state, order_id, intent, metadata).await
+                    refund_order(state, order_id, &intent.id, intent.amount_cents, metadata).await
                 }
                 other => Err(ApiError::from_command(other, order_rejection)),
             };
         }
-        match commit_stock(state, order_id, &lines, metadata).await {
-            Ok(()) => {
-                wait_for_orders(state, honoured.ok().flatten()).await?;
-                return Ok(Settlement::Paid);
-            }
-            // The scheduler released the old hold between our reserve and
-            // our commit: take the stock again.
-            Err(_) => continue,
-        }
+    };
+    if keep_stock(state, order_id, &lines, metadata).await? {
+        wait_for_orders(state, position).await?;
+        return Ok(Settlement::Paid);
     }
-    if matches!(
-        load_order(state, order_id).await?.and_then(|o| o.status()),
-        Some(OrderStatus::Paid)
-    ) {
-        // Honoured, but its stock could not be kept: nothing may be sold
-        // twice, so the money goes back.
-        tracing::error!(%order_id, "late payment honoured but stock could not be committed");
-    }
-    refund_order(state, order_id, intent, metadata).await
+    // Honoured, but the scheduler released the old hold under us and the
+    // units are gone: nothing may be sold twice, so the money goes back.
+    tracing::error!(%order_id, "late payment honoured but stock could not be committed");
+    refund_order(state, order_id, &intent.id, intent.amount_cents, metadata).await
 }
 
 /// Reserves every line again for the order; false (and nothing held) when
@@ -240,29 +312,28 @@ async fn reserve_again(
 async fn refund_at_provider(
     state: &AppState,
     order_id: Uuid,
-    intent: &PaymentIntent,
+    intent_id: &str,
+    amount_cents: i64,
 ) -> Result<crate::payments::Refund, ApiError> {
-    let key = format!("refund-{order_id}-{}", intent.id);
-    let refund = state
-        .payments
-        .refund(&intent.id, intent.amount_cents, &key)
-        .await?;
+    let key = format!("refund-{order_id}-{intent_id}");
+    let refund = state.payments.refund(intent_id, amount_cents, &key).await?;
     metrics::counter!("payments_refunded_total").increment(1);
-    tracing::warn!(%order_id, intent = %intent.id, refund = %refund.id, "payment refunded");
+    tracing::warn!(%order_id, intent = %intent_id, refund = %refund.id, "payment refunded");
     Ok(refund)
 }
 
 async fn refund_order(
     state: &AppState,
     order_id: Uuid,
-    intent: &PaymentIntent,
+    intent_id: &str,
+    amount_cents: i64,
     metadata: &Metadata,
 ) -> Result<Settlement, ApiError> {
-    let refund = refund_at_provider(state, order_id, intent).await?;
+    let refund = refund_at_provider(state, order_id, intent_id, amount_cents).await?;
     let record = OrderCommand::Refund {
-        payment_intent_id: intent.id.clone(),
+        payment_intent_id: intent_id.to_owned(),
         refund_id: refund.id,
-        amount_cents: intent.amount_cents,
+        amount_cents,
         refunded_at: Utc::now(),
     };
     let position = execute_order(state, order_id, record, metadata)
@@ -287,17 +358,15 @@ async fn cancel_unpaid(
     };
     match execute_order(state, order_id, cancel, metadata).await {
         Ok(position) => {
-            let variant_ids: Vec<Uuid> =
-                variants_of(&order).into_iter().map(|(id, _)| id).collect();
-            release_variants(
+            let lines = variants_of(&order);
+            release_lines(
                 state,
                 order_id,
-                &variant_ids,
+                &lines,
                 ReleaseReason::PaymentFailed,
                 metadata,
             )
-            .await
-            .map_err(|e| ApiError::internal(anyhow::anyhow!(e)))?;
+            .await?;
             wait_for_orders(state, position).await
         }
         // Paid or refunded in the meantime: a late failure changes nothing.

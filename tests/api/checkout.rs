@@ -7,7 +7,7 @@ use reqwest::Method;
 use serde_json::{json, Value};
 use uuid::Uuid;
 
-use commerce::event_store::{EventStore, Metadata};
+use commerce::event_store::{CommandBus, EventStore, Metadata};
 use commerce::shop::checkout_commit::{
     CheckoutCommitter, CheckoutError, CheckoutOutcome, CheckoutRequest,
 };
@@ -1131,6 +1131,108 @@ async fn a_late_payment_is_honoured_when_the_stock_is_still_there() {
     assert_eq!(order_of(&app, &buyer, &order_id).await["status"], "paid");
     assert!(stripe.refunds().is_empty());
     assert_eq!(counts(&stock(&app, &admin, variant).await), (1, 0, 1));
+}
+
+/// A buyer's order of two units of a new variant of `stock` units, with a
+/// payment intent, marked paid in its events alone: what a payment whose
+/// stock commit then failed (a contended item, a lost connection) leaves.
+/// Returns the variant, the buyer, the order's id and the intent's id.
+async fn order_paid_without_commit(
+    app: &TestApp,
+    admin: &TestUser,
+    stock: u32,
+) -> (Uuid, TestUser, String, String) {
+    let variant = product_with_stock(app, admin, stock).await;
+    let buyer = buyer_with_cart(app, variant, 2).await;
+    let order: Value = checkout(app, &buyer, "paid").await.json().await.unwrap();
+    let order_id = order["id"].as_str().unwrap().to_owned();
+    let intent_id = payment_intent_for(app, &buyer, &order_id, "i").await;
+    let confirm = domain::order::OrderCommand::ConfirmPayment {
+        payment_intent_id: intent_id.clone(),
+        amount_cents: 2 * 1999,
+        currency: Currency::try_from("USD").unwrap(),
+        paid_at: chrono::Utc::now(),
+    };
+    CommandBus::<domain::order::Order>::new(EventStore::new(app.pool.clone()))
+        .execute(&order_id, confirm, Metadata::system("test"))
+        .await
+        .unwrap();
+    (variant, buyer, order_id, intent_id)
+}
+
+/// Gives the order's units on `variant` back, as the scheduler expiring
+/// the order at that moment would.
+async fn release_hold(app: &TestApp, variant: Uuid, order_id: &str) {
+    let release = domain::inventory::InventoryCommand::Release {
+        order_id: order_id.parse().unwrap(),
+        reason: domain::inventory::ReleaseReason::Expired,
+    };
+    CommandBus::<domain::inventory::InventoryItem>::new(EventStore::new(app.pool.clone()))
+        .execute(&variant.to_string(), release, Metadata::system("test"))
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn a_paid_order_whose_commit_failed_has_its_units_committed_at_its_deadline() {
+    let stripe = FakeStripe::start().await;
+    let app = stripe_app(&stripe, 1).await;
+    let admin = TestUser::create_admin(&app).await;
+    let (variant, buyer, order_id, _) = order_paid_without_commit(&app, &admin, 5).await;
+
+    // Past the one-second deadline the scheduler finds the order paid.
+    assert_eq!(
+        counts(&released_stock(&app, &admin, variant).await),
+        (3, 0, 3),
+        "the paid units left the shelf instead of staying held"
+    );
+    wait_for_status(&app, &buyer, &order_id, "paid").await;
+    assert!(stripe.refunds().is_empty());
+}
+
+#[tokio::test]
+async fn a_paid_order_whose_hold_was_released_takes_its_units_again_when_the_payment_repeats() {
+    let stripe = FakeStripe::start().await;
+    let app = stripe_app(&stripe, 900).await;
+    let admin = TestUser::create_admin(&app).await;
+    let (variant, buyer, order_id, intent_id) = order_paid_without_commit(&app, &admin, 5).await;
+    release_hold(&app, variant, &order_id).await;
+
+    stripe.set_status(&intent_id, "succeeded");
+    let delivered = deliver(&app, &stripe, "payment_intent.succeeded", &intent_id).await;
+    assert_eq!(delivered.status(), 200);
+
+    wait_for_status(&app, &buyer, &order_id, "paid").await;
+    assert!(stripe.refunds().is_empty());
+    assert_eq!(counts(&stock(&app, &admin, variant).await), (3, 0, 3));
+}
+
+#[tokio::test]
+async fn a_paid_order_whose_released_units_were_sold_again_is_refunded_when_the_payment_repeats() {
+    let stripe = FakeStripe::start().await;
+    let app = stripe_app(&stripe, 900).await;
+    let admin = TestUser::create_admin(&app).await;
+    let (variant, buyer, order_id, intent_id) = order_paid_without_commit(&app, &admin, 2).await;
+    release_hold(&app, variant, &order_id).await;
+    let quick = buyer_with_cart(&app, variant, 2).await;
+    assert_eq!(checkout(&app, &quick, "quick").await.status(), 201);
+
+    stripe.set_status(&intent_id, "succeeded");
+    let delivered = deliver(&app, &stripe, "payment_intent.succeeded", &intent_id).await;
+    assert_eq!(delivered.status(), 200);
+
+    assert_eq!(
+        order_of(&app, &buyer, &order_id).await["status"],
+        "refunded"
+    );
+    let refunds = stripe.refunds();
+    assert_eq!(refunds.len(), 1);
+    assert_eq!(refunds[0]["payment_intent"], intent_id.as_str());
+    assert_eq!(
+        counts(&stock(&app, &admin, variant).await),
+        (2, 2, 0),
+        "the other buyer keeps the units"
+    );
 }
 
 #[tokio::test]
