@@ -1,7 +1,7 @@
 //! The stock of one product variant: what is on the shelf, and which orders
 //! hold how much of it.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 
 use cqrs_es::event_sink::EventSink;
 use cqrs_es::{Aggregate, DomainEvent};
@@ -31,7 +31,8 @@ pub struct InventoryItem {
     // allocation for a hash map and one per node of a B-tree (a tenth of
     // the server's CPU went to copying and dropping B-trees in a sale).
     reservations: HashMap<Uuid, u32>,
-    committed: HashSet<Uuid>,
+    /// The units each paid order took off the shelf.
+    committed: HashMap<Uuid, u32>,
 }
 
 /// Why an order gave its reserved units back.
@@ -76,6 +77,10 @@ pub enum InventoryCommand {
     },
     /// The order is paid: its held units leave the shelf for good.
     Commit { order_id: Uuid },
+    /// A paid order's units come back to the shelf: its payment was
+    /// refunded before they left (a late payment that could not keep all of
+    /// its lines). At most once per order.
+    ReturnCommitted { order_id: Uuid },
 }
 
 /// What happened to a variant's stock. `on_hand` and `reserved` are the
@@ -124,6 +129,13 @@ pub enum InventoryEvent {
         on_hand: u32,
         reserved: u32,
     },
+    /// An order's sold units came back to the shelf, its payment refunded.
+    CommittedReturned {
+        order_id: Uuid,
+        quantity: u32,
+        on_hand: u32,
+        reserved: u32,
+    },
 }
 
 impl DomainEvent for InventoryEvent {
@@ -135,6 +147,7 @@ impl DomainEvent for InventoryEvent {
             Self::StockReserved { .. } => "StockReserved",
             Self::ReservationReleased { .. } => "ReservationReleased",
             Self::ReservationCommitted { .. } => "ReservationCommitted",
+            Self::CommittedReturned { .. } => "CommittedReturned",
         }
         .to_owned()
     }
@@ -217,7 +230,7 @@ impl InventoryItem {
 
     /// Whether `order_id`'s reservation was committed (sold).
     pub fn is_committed(&self, order_id: Uuid) -> bool {
-        self.committed.contains(&order_id)
+        self.committed.contains_key(&order_id)
     }
 
     fn register(
@@ -251,7 +264,7 @@ impl InventoryItem {
         quantity: Quantity,
     ) -> Result<Vec<InventoryEvent>, InventoryError> {
         let requested = quantity.get();
-        if self.committed.contains(&order_id) {
+        if self.committed.contains_key(&order_id) {
             return Ok(vec![]);
         }
         if let Some(&held) = self.reservations.get(&order_id) {
@@ -343,7 +356,7 @@ impl Decider for InventoryItem {
                 }])
             }
             C::Commit { order_id } => {
-                if self.committed.contains(&order_id) {
+                if self.committed.contains_key(&order_id) {
                     return Ok(vec![]);
                 }
                 let Some(&quantity) = self.reservations.get(&order_id) else {
@@ -354,6 +367,24 @@ impl Decider for InventoryItem {
                     quantity,
                     on_hand: self.on_hand.saturating_sub(quantity),
                     reserved: self.reserved.saturating_sub(quantity),
+                }])
+            }
+            C::ReturnCommitted { order_id } => {
+                let Some(&quantity) = self.committed.get(&order_id) else {
+                    return Ok(vec![]);
+                };
+                let on_hand =
+                    self.on_hand
+                        .checked_add(quantity)
+                        .ok_or(InventoryError::TooMuchStock {
+                            on_hand: self.on_hand,
+                            adding: quantity,
+                        })?;
+                Ok(vec![E::CommittedReturned {
+                    order_id,
+                    quantity,
+                    on_hand,
+                    reserved: self.reserved,
                 }])
             }
         }
@@ -422,12 +453,22 @@ impl Aggregate for InventoryItem {
             }
             E::ReservationCommitted {
                 order_id,
+                quantity,
+                on_hand,
+                reserved,
+            } => {
+                self.reservations.remove(&order_id);
+                self.committed.insert(order_id, quantity);
+                self.on_hand = on_hand;
+                self.reserved = reserved;
+            }
+            E::CommittedReturned {
+                order_id,
                 on_hand,
                 reserved,
                 ..
             } => {
-                self.reservations.remove(&order_id);
-                self.committed.insert(order_id);
+                self.committed.remove(&order_id);
                 self.on_hand = on_hand;
                 self.reserved = reserved;
             }
@@ -755,6 +796,43 @@ mod tests {
     }
 
     #[test]
+    fn returning_a_commitment_puts_its_units_back_on_the_shelf_once() {
+        let committed = InventoryEvent::ReservationCommitted {
+            order_id: ORDER_1,
+            quantity: 4,
+            on_hand: 6,
+            reserved: 0,
+        };
+        let returned = InventoryEvent::CommittedReturned {
+            order_id: ORDER_1,
+            quantity: 4,
+            on_hand: 10,
+            reserved: 0,
+        };
+        Inventory::with(())
+            .given(vec![
+                registered(10),
+                reserved(ORDER_1, 4, 10, 4),
+                committed.clone(),
+            ])
+            .when(InventoryCommand::ReturnCommitted { order_id: ORDER_1 })
+            .then_expect_events(vec![returned.clone()]);
+        Inventory::with(())
+            .given(vec![
+                registered(10),
+                reserved(ORDER_1, 4, 10, 4),
+                committed,
+                returned,
+            ])
+            .when(InventoryCommand::ReturnCommitted { order_id: ORDER_1 })
+            .then_expect_events(vec![]);
+        Inventory::with(())
+            .given(vec![registered(10), reserved(ORDER_1, 4, 10, 4)])
+            .when(InventoryCommand::ReturnCommitted { order_id: ORDER_1 })
+            .then_expect_events(vec![]);
+    }
+
+    #[test]
     fn committing_moves_the_units_out_of_on_hand() {
         Inventory::with(())
             .given(vec![
@@ -875,6 +953,7 @@ mod tests {
         let mut refused = 0_usize;
         let mut added = 0_u64;
         let mut sold = 0_u64;
+        let mut returned = 0_u64;
         let mut adjusted = 0_i64;
         item.apply(registered(20));
         for step in 0..20_000 {
@@ -897,6 +976,7 @@ mod tests {
                     order_id,
                     reason: ReleaseReason::Expired,
                 },
+                7 if rng.next(4) == 0 => InventoryCommand::ReturnCommitted { order_id },
                 _ => InventoryCommand::Commit { order_id },
             };
             match item.decide(command) {
@@ -908,6 +988,9 @@ mod tests {
                             }
                             InventoryEvent::ReservationCommitted { quantity, .. } => {
                                 sold += u64::from(*quantity)
+                            }
+                            InventoryEvent::CommittedReturned { quantity, .. } => {
+                                returned += u64::from(*quantity)
                             }
                             InventoryEvent::OnHandSet {
                                 previous_on_hand,
@@ -929,9 +1012,10 @@ mod tests {
                 Err(other) => panic!("step {step}: unexpected {other:?}"),
             }
             check_invariant(&item, step);
-            // Conservation: initial + added - sold + adjustments = on_hand.
+            // Conservation: initial + added - sold + returned + adjustments
+            // = on_hand.
             assert_eq!(
-                20 + added as i64 - sold as i64 + adjusted,
+                20 + added as i64 - sold as i64 + returned as i64 + adjusted,
                 i64::from(item.on_hand()),
                 "step {step}: stock not conserved"
             );
@@ -940,5 +1024,6 @@ mod tests {
         assert!(applied > 2_000, "only {applied} events");
         assert!(refused > 500, "only {refused} refusals");
         assert!(sold > 0);
+        assert!(returned > 0);
     }
 }

@@ -314,6 +314,9 @@ impl StockChange {
             }
             | InventoryEvent::ReservationCommitted {
                 on_hand, reserved, ..
+            }
+            | InventoryEvent::CommittedReturned {
+                on_hand, reserved, ..
             } => Self::Levels {
                 on_hand: i64::from(on_hand),
                 reserved: i64::from(reserved),

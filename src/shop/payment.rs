@@ -167,8 +167,8 @@ async fn commit_stock(
 /// Commits a paid order's units, taking a line's units again first when
 /// its hold was released under the payment (the scheduler expiring the
 /// order as the payment arrived, or after a commit that failed). False,
-/// with none of the order's units left held, when some line's units are
-/// gone: the money cannot be kept.
+/// with none of the order's units held or sold, when some line's units
+/// are gone: the money cannot be kept.
 async fn keep_stock(
     state: &AppState,
     order_id: Uuid,
@@ -183,8 +183,32 @@ async fn keep_stock(
             break;
         }
     }
+    // The money goes back, so the units it took go back too.
+    return_committed(state, order_id, lines, metadata).await?;
     release_lines(state, order_id, lines, ReleaseReason::Cancelled, metadata).await?;
     Ok(false)
+}
+
+/// Puts back on the shelf the units the order's payment already took off
+/// it (a line committed before another line's units turned out gone);
+/// at most once per line, however often this runs.
+async fn return_committed(
+    state: &AppState,
+    order_id: Uuid,
+    lines: &[(Uuid, u32)],
+    metadata: &Metadata,
+) -> Result<(), ApiError> {
+    for (variant_id, _) in lines {
+        let give_back = InventoryCommand::ReturnCommitted { order_id };
+        state
+            .inventory
+            .execute(&variant_id.to_string(), give_back, metadata.clone())
+            .await
+            .map_err(|error| {
+                ApiError::from_command(error, |e| ApiError::internal(anyhow::anyhow!(e)))
+            })?;
+    }
+    Ok(())
 }
 
 /// Gives back whatever the order holds on each line (nothing, for a line

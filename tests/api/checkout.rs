@@ -1133,9 +1133,23 @@ async fn a_late_payment_is_honoured_when_the_stock_is_still_there() {
     assert_eq!(counts(&stock(&app, &admin, variant).await), (1, 0, 1));
 }
 
+/// Marks the order paid in its events alone: what a payment whose stock
+/// commit then failed (a contended item, a lost connection) leaves.
+async fn mark_paid(app: &TestApp, order_id: &str, intent_id: &str, amount_cents: i64) {
+    let confirm = domain::order::OrderCommand::ConfirmPayment {
+        payment_intent_id: intent_id.to_owned(),
+        amount_cents,
+        currency: Currency::try_from("USD").unwrap(),
+        paid_at: chrono::Utc::now(),
+    };
+    CommandBus::<domain::order::Order>::new(EventStore::new(app.pool.clone()))
+        .execute(order_id, confirm, Metadata::system("test"))
+        .await
+        .unwrap();
+}
+
 /// A buyer's order of two units of a new variant of `stock` units, with a
-/// payment intent, marked paid in its events alone: what a payment whose
-/// stock commit then failed (a contended item, a lost connection) leaves.
+/// payment intent, marked paid in its events alone (see [`mark_paid`]).
 /// Returns the variant, the buyer, the order's id and the intent's id.
 async fn order_paid_without_commit(
     app: &TestApp,
@@ -1147,17 +1161,16 @@ async fn order_paid_without_commit(
     let order: Value = checkout(app, &buyer, "paid").await.json().await.unwrap();
     let order_id = order["id"].as_str().unwrap().to_owned();
     let intent_id = payment_intent_for(app, &buyer, &order_id, "i").await;
-    let confirm = domain::order::OrderCommand::ConfirmPayment {
-        payment_intent_id: intent_id.clone(),
-        amount_cents: 2 * 1999,
-        currency: Currency::try_from("USD").unwrap(),
-        paid_at: chrono::Utc::now(),
-    };
-    CommandBus::<domain::order::Order>::new(EventStore::new(app.pool.clone()))
-        .execute(&order_id, confirm, Metadata::system("test"))
+    mark_paid(app, &order_id, &intent_id, 2 * 1999).await;
+    (variant, buyer, order_id, intent_id)
+}
+
+/// Runs `command` on the variant's stock, as another server process would.
+async fn on_stock(app: &TestApp, variant: Uuid, command: domain::inventory::InventoryCommand) {
+    CommandBus::<domain::inventory::InventoryItem>::new(EventStore::new(app.pool.clone()))
+        .execute(&variant.to_string(), command, Metadata::system("test"))
         .await
         .unwrap();
-    (variant, buyer, order_id, intent_id)
 }
 
 /// Gives the order's units on `variant` back, as the scheduler expiring
@@ -1167,10 +1180,7 @@ async fn release_hold(app: &TestApp, variant: Uuid, order_id: &str) {
         order_id: order_id.parse().unwrap(),
         reason: domain::inventory::ReleaseReason::Expired,
     };
-    CommandBus::<domain::inventory::InventoryItem>::new(EventStore::new(app.pool.clone()))
-        .execute(&variant.to_string(), release, Metadata::system("test"))
-        .await
-        .unwrap();
+    on_stock(app, variant, release).await;
 }
 
 #[tokio::test]
@@ -1233,6 +1243,52 @@ async fn a_paid_order_whose_released_units_were_sold_again_is_refunded_when_the_
         (2, 2, 0),
         "the other buyer keeps the units"
     );
+}
+
+#[tokio::test]
+async fn a_paid_order_that_cannot_keep_every_line_puts_back_what_it_had_sold_and_refunds() {
+    let stripe = FakeStripe::start().await;
+    let app = stripe_app(&stripe, 900).await;
+    let admin = TestUser::create_admin(&app).await;
+    let plenty = product_with_stock(&app, &admin, 5).await;
+    let scarce = product_with_stock(&app, &admin, 1).await;
+    let buyer = buyer_with_cart(&app, plenty, 2).await;
+    assert_eq!(add_to_cart(&app, &buyer, scarce, 1).await.status(), 200);
+    let order: Value = checkout(&app, &buyer, "two").await.json().await.unwrap();
+    let order_id = order["id"].as_str().unwrap().to_owned();
+    let intent_id = payment_intent_for(&app, &buyer, &order_id, "i").await;
+    // A payment got as far as one line; the other's hold was released and
+    // its only unit sold to someone else.
+    mark_paid(&app, &order_id, &intent_id, 3 * 1999).await;
+    let order_uuid: Uuid = order_id.parse().unwrap();
+    on_stock(
+        &app,
+        plenty,
+        domain::inventory::InventoryCommand::Commit {
+            order_id: order_uuid,
+        },
+    )
+    .await;
+    release_hold(&app, scarce, &order_id).await;
+    let quick = buyer_with_cart(&app, scarce, 1).await;
+    assert_eq!(checkout(&app, &quick, "quick").await.status(), 201);
+
+    stripe.set_status(&intent_id, "succeeded");
+    let delivered = deliver(&app, &stripe, "payment_intent.succeeded", &intent_id).await;
+    assert_eq!(delivered.status(), 200);
+
+    wait_for_status(&app, &buyer, &order_id, "refunded").await;
+    assert_eq!(stripe.refunds().len(), 1);
+    assert_eq!(
+        counts(&stock(&app, &admin, plenty).await),
+        (5, 0, 5),
+        "the units sold for a refunded order are back on the shelf"
+    );
+    assert_eq!(counts(&stock(&app, &admin, scarce).await), (1, 1, 0));
+    // Delivered again, it changes nothing.
+    let again = deliver(&app, &stripe, "payment_intent.succeeded", &intent_id).await;
+    assert_eq!(again.status(), 200);
+    assert_eq!(counts(&stock(&app, &admin, plenty).await), (5, 0, 5));
 }
 
 #[tokio::test]

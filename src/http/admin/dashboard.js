@@ -436,6 +436,8 @@
         return { what: `Hold released (${String(body.reason || "").replace(/_/g, " ")})`, units: `${body.quantity}` };
       case "ReservationCommitted":
         return { what: "Sold", units: `−${body.quantity}` };
+      case "CommittedReturned":
+        return { what: "Sold units returned (payment refunded)", units: `+${body.quantity}` };
       default:
         return { what: event.event_type, units: "" };
     }
