@@ -154,14 +154,17 @@ async fn commit_stock(
             Err(CommandError::Rejected(InventoryError::NoReservation { .. })) => {
                 return Ok(Committed::HoldGone)
             }
-            Err(error) => {
-                return Err(ApiError::from_command(error, |e| {
-                    ApiError::internal(anyhow::anyhow!(e))
-                }))
-            }
+            Err(error) => return Err(stock_failure(error)),
         }
     }
     Ok(Committed::All)
+}
+
+/// A stock command that failed where the payment path expects it to work
+/// (a refusal it does not handle is a bug; contention and store failures
+/// are the caller's to retry).
+fn stock_failure(error: CommandError<InventoryError>) -> ApiError {
+    ApiError::from_command(error, |e| ApiError::internal(anyhow::anyhow!(e)))
 }
 
 /// Commits a paid order's units, taking a line's units again first when
@@ -204,9 +207,7 @@ async fn return_committed(
             .inventory
             .execute(&variant_id.to_string(), give_back, metadata.clone())
             .await
-            .map_err(|error| {
-                ApiError::from_command(error, |e| ApiError::internal(anyhow::anyhow!(e)))
-            })?;
+            .map_err(stock_failure)?;
     }
     Ok(())
 }
@@ -317,17 +318,11 @@ async fn reserve_again(
         {
             Ok(_) => {}
             Err(CommandError::Rejected(InventoryError::InsufficientStock { .. })) => {
-                let taken: Vec<Uuid> = lines[..index].iter().map(|(id, _)| *id).collect();
-                release_variants(state, order_id, &taken, ReleaseReason::Cancelled, metadata)
-                    .await
-                    .map_err(|e| ApiError::internal(anyhow::anyhow!(e)))?;
+                let taken = &lines[..index];
+                release_lines(state, order_id, taken, ReleaseReason::Cancelled, metadata).await?;
                 return Ok(false);
             }
-            Err(error) => {
-                return Err(ApiError::from_command(error, |e| {
-                    ApiError::internal(anyhow::anyhow!(e))
-                }))
-            }
+            Err(error) => return Err(stock_failure(error)),
         }
     }
     Ok(true)
