@@ -166,6 +166,7 @@ fn serve(listener: TcpListener, state: web::Data<AppState>) -> anyhow::Result<Se
             .wrap(from_fn(idempotency::idempotency))
             .wrap(rate_limiter)
             .wrap(from_fn(access::enforce_access))
+            .wrap(from_fn(extract::refuse_nul_in_url))
             .wrap(from_fn(problem::ensure_problem_body))
             .wrap(from_fn(middleware::record_metrics))
             .wrap(security::cors(&state.settings.cors_allowed_origins))

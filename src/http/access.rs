@@ -4,7 +4,7 @@
 //! that is missing from it is refused, so a new route cannot forget its guard.
 //! The route-table test walks this table against a running server.
 
-use actix_web::body::MessageBody;
+use actix_web::body::{EitherBody, MessageBody};
 use actix_web::dev::{ServiceRequest, ServiceResponse};
 use actix_web::http::{header, Method};
 use actix_web::middleware::Next;
@@ -132,27 +132,38 @@ fn presented_token(request: &ServiceRequest) -> Option<String> {
 pub async fn enforce_access(
     request: ServiceRequest,
     next: Next<impl MessageBody>,
-) -> Result<ServiceResponse<impl MessageBody>, actix_web::Error> {
-    let Some(pattern) = super::middleware::route_pattern(&request) else {
+) -> Result<ServiceResponse<EitherBody<impl MessageBody>>, actix_web::Error> {
+    if let Err(refusal) = admit(&request) {
+        // A response, not an error, so that the middlewares outside this one
+        // (security headers, the request id, metrics) see it as any answer.
+        return Ok(request.error_response(refusal).map_into_right_body());
+    }
+    next.call(request)
+        .await
+        .map(ServiceResponse::map_into_left_body)
+}
+
+/// Whether the route lets the caller in; a signed-in caller is attached to
+/// the request for the handler.
+fn admit(request: &ServiceRequest) -> Result<(), ApiError> {
+    let Some(pattern) = super::middleware::route_pattern(request) else {
         // Unknown path: routing answers 404.
-        return next.call(request).await;
+        return Ok(());
     };
     let access = match access_for(request.method(), &pattern) {
         Some(access) => access,
         // A known path with a method it does not serve: routing answers 405.
-        None if ROUTES.iter().any(|spec| spec.path == &*pattern) => {
-            return next.call(request).await
-        }
+        None if ROUTES.iter().any(|spec| spec.path == &*pattern) => return Ok(()),
         None => {
             tracing::error!(%pattern, method = %request.method(), "route missing from the access table");
-            return Err(ApiError::Forbidden.into());
+            return Err(ApiError::Forbidden);
         }
     };
     match access {
         Access::Private | Access::Admin => {
-            let user = authenticate(&request)?;
+            let user = authenticate(request)?;
             if access == Access::Admin && user.role != Role::Admin {
-                return Err(ApiError::Forbidden.into());
+                return Err(ApiError::Forbidden);
             }
             request.extensions_mut().insert(user);
         }
@@ -160,14 +171,14 @@ pub async fn enforce_access(
         // stock detail); a bad token there is ignored, not refused, and a
         // caller who shows none costs no refusal built and thrown away.
         Access::Public => {
-            let user = presented_token(&request).and_then(|token| user_of(&request, &token).ok());
+            let user = presented_token(request).and_then(|token| user_of(request, &token).ok());
             if let Some(user) = user {
                 request.extensions_mut().insert(user);
             }
         }
         Access::OwnCredential => {}
     }
-    next.call(request).await
+    Ok(())
 }
 
 fn authenticate(request: &ServiceRequest) -> Result<AuthUser, ApiError> {

@@ -4,8 +4,10 @@
 use std::future::Future;
 use std::pin::Pin;
 
-use actix_web::dev::Payload;
+use actix_web::body::{EitherBody, MessageBody};
+use actix_web::dev::{Payload, ServiceRequest, ServiceResponse};
 use actix_web::http::header;
+use actix_web::middleware::Next;
 use actix_web::web::BytesMut;
 use actix_web::{FromRequest, HttpRequest};
 use futures_util::StreamExt;
@@ -86,6 +88,9 @@ fn check_json_content_type(request: &HttpRequest) -> Result<(), ApiError> {
 
 /// Parses JSON, telling malformed documents (400) from wrong values (422).
 pub fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    if has_nul_escape(body) {
+        return Err(ApiError::invalid_field("body", NO_NUL));
+    }
     let mut deserializer = serde_json::Deserializer::from_slice(body);
     let value = serde_path_to_error::deserialize(&mut deserializer).map_err(|error| {
         let field = field_name(error.path());
@@ -101,6 +106,47 @@ pub fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
         .end()
         .map_err(|error| ApiError::bad_request(format!("malformed JSON: {error}")))?;
     Ok(value)
+}
+
+/// Postgres text cannot hold the NUL character, so a value carrying one
+/// would fail deep inside (a 500, or a projection stuck on the event that
+/// holds it) instead of being refused here.
+const NO_NUL: &str = "text must not contain the NUL character (\\u0000)";
+
+/// Whether a JSON text holds the escape `\u0000` (the only way JSON can
+/// carry a NUL), not counting an escaped backslash followed by `u0000`.
+fn has_nul_escape(json: &[u8]) -> bool {
+    const ESCAPE: &[u8] = b"\\u0000";
+    json.windows(ESCAPE.len()).enumerate().any(|(at, window)| {
+        window == ESCAPE
+            && json[..at]
+                .iter()
+                .rev()
+                .take_while(|&&byte| byte == b'\\')
+                .count()
+                % 2
+                == 0
+    })
+}
+
+/// Refuses a URL whose path or query carries a NUL character (`%00`), for
+/// the reason of [`NO_NUL`]. A middleware, since path parameters reach the
+/// handlers through actix's own extractor.
+pub async fn refuse_nul_in_url(
+    request: ServiceRequest,
+    next: Next<impl MessageBody>,
+) -> Result<ServiceResponse<EitherBody<impl MessageBody>>, actix_web::Error> {
+    let url = request
+        .uri()
+        .path_and_query()
+        .map_or("", |url| url.as_str());
+    if url.contains("%00") {
+        let refusal = ApiError::bad_request("the URL must not contain the NUL character (%00)");
+        return Ok(request.error_response(refusal).map_into_right_body());
+    }
+    next.call(request)
+        .await
+        .map(ServiceResponse::map_into_left_body)
 }
 
 fn field_name(path: &serde_path_to_error::Path) -> String {

@@ -128,12 +128,16 @@ pub async fn idempotency(
     if !applies {
         return next.call(request).await;
     }
-    let Some(header) = header else {
-        return Err(
-            ApiError::bad_field("Idempotency-Key", "this route requires the header").into(),
-        );
+    // Refusals are responses, not errors, so that the middlewares outside
+    // (security headers, the request id, metrics) see them as any answer.
+    let key = match header.as_ref().map(parse_key) {
+        Some(Ok(key)) => key,
+        Some(Err(refusal)) => return Ok(request.error_response(refusal)),
+        None => {
+            let refusal = ApiError::bad_field("Idempotency-Key", "this route requires the header");
+            return Ok(request.error_response(refusal));
+        }
     };
-    let key = parse_key(&header)?;
     let Some(user) = request.extensions().get::<AuthUser>().copied() else {
         // Anonymous requests have no scope to deduplicate in.
         return next.call(request).await;

@@ -201,6 +201,65 @@ async fn a_same_origin_browser_request_with_an_origin_header_is_served() {
 }
 
 #[tokio::test]
+async fn refusals_by_middleware_carry_the_security_headers_and_a_request_id() {
+    let app = spawn_app().await;
+    let buyer = crate::users::TestUser::register_customer(&app).await;
+    let unsigned = app.get("/api/v1/cart/get-cart").await;
+    let keyless = app
+        .request(Method::POST, "/api/v1/checkout/")
+        .bearer_auth(&buyer.access_token)
+        .json(&serde_json::json!({}))
+        .send()
+        .await
+        .unwrap();
+    for (response, status, code) in [
+        (unsigned, 401, "unauthorized"),
+        (keyless, 400, "validation_failed"),
+    ] {
+        assert_eq!(response.headers()["x-content-type-options"], "nosniff");
+        assert_eq!(response.headers()["x-frame-options"], "DENY");
+        assert!(response.headers().get("x-request-id").is_some());
+        problem(response, status, code).await;
+    }
+}
+
+#[tokio::test]
+async fn a_nul_character_in_a_url_or_a_json_body_is_a_client_error_not_a_500() {
+    let app = spawn_app().await;
+    for path in [
+        "/api/v1/products/get-product/a%00b",
+        "/api/v1/products/get-products?q=a%00b",
+        "/api/v1/products/get-products?category=a%00b",
+    ] {
+        problem(app.get(path).await, 400, "validation_failed").await;
+    }
+    let login = r#"{"email":"a\u0000@example.com","password":"whatever1"}"#;
+    let register = r#"{"email":"nul@example.com","password":"a fine password","name":"a\u0000b"}"#;
+    for (path, body) in [
+        ("/api/v1/auth/login", login),
+        ("/api/v1/auth/register", register),
+    ] {
+        let response = app
+            .request(Method::POST, path)
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        problem(response, 422, "validation_failed").await;
+    }
+    // An escaped backslash before `u0000` is no NUL: this login is only wrong.
+    let response = app
+        .request(Method::POST, "/api/v1/auth/login")
+        .header("content-type", "application/json")
+        .body(r#"{"email":"a\\u0000@example.com","password":"whatever1"}"#)
+        .send()
+        .await
+        .unwrap();
+    problem(response, 401, "unauthorized").await;
+}
+
+#[tokio::test]
 async fn a_body_over_the_limit_is_a_413_problem() {
     let app = spawn_app().await;
     let huge = serde_json::json!({ "email": "a@b.example", "password": "x".repeat(300 * 1024) });
