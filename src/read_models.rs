@@ -56,7 +56,9 @@ impl Caches {
 pub fn all(pool: &PgPool, caches: &Caches) -> Vec<Arc<dyn Projection>> {
     vec![
         Arc::new(projections::orders::OrdersProjection),
-        Arc::new(projections::carts::CartsProjection),
+        Arc::new(projections::carts::CartsProjection::new(
+            caches.carts.clone(),
+        )),
         Arc::new(projections::catalog::CatalogProjection::new(
             caches.catalog.clone(),
         )),

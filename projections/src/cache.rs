@@ -370,6 +370,14 @@ pub mod keys {
         with_id("stock:", variant_id)
     }
 
+    /// A user's cart, at its Cart's version. Its lines are the cart at the
+    /// entry's version: a checkout takes them as the cart. Entries filled
+    /// before that held (`cart:`, whose lines and version came from two
+    /// reads) are never read.
+    pub fn cart(user_id: Uuid) -> String {
+        with_id("cart-at-version:", user_id)
+    }
+
     /// `name` and the id in its hyphenated form. A read names several keys,
     /// and building them with `format!` took 2% of the server's CPU in a
     /// profile of cart reads.

@@ -12,12 +12,26 @@ use domain::cart::{Cart, CartEvent};
 use sqlx::PgConnection;
 use uuid::Uuid;
 
+use crate::cache::{keys, VersionedCache};
 use crate::runner::{Projection, ProjectionError};
 use crate::stored_event::StoredEvent;
 
 pub const NAME: &str = "carts";
 
-pub struct CartsProjection;
+/// The carts projection. It writes no cache entry as it goes (the cart
+/// commands and reads keep a cart's entry), but after a rebuild it drops
+/// the entries of every cart it rebuilt: a repaired cart keeps its version,
+/// and an entry of that version holding the broken lines would otherwise
+/// be served, and taken by a checkout as the cart, until it expired.
+pub struct CartsProjection {
+    cache: VersionedCache,
+}
+
+impl CartsProjection {
+    pub fn new(cache: VersionedCache) -> Self {
+        Self { cache }
+    }
+}
 
 #[async_trait::async_trait]
 impl Projection for CartsProjection {
@@ -33,8 +47,15 @@ impl Projection for CartsProjection {
         &["carts", "cart_lines"]
     }
 
-    fn mirrors_rows(&self) -> bool {
-        false
+    async fn after_rebuild(&self, latest: &[StoredEvent]) {
+        let entries: Vec<(String, i64)> = latest
+            .iter()
+            .filter_map(|event| {
+                let user_id: Uuid = event.aggregate_id.parse().ok()?;
+                Some((keys::cart(user_id), event.sequence))
+            })
+            .collect();
+        self.cache.invalidate_many(&entries).await;
     }
 
     async fn apply(

@@ -750,8 +750,14 @@ async fn orders_batches_equal_one_at_a_time() {
 async fn carts_batches_equal_one_at_a_time() {
     let pool = database().await;
     for seed in [7, 1_234_567] {
-        batches_equal_one_at_a_time(&pool, Arc::new(projections::carts::CartsProjection), seed)
-            .await;
+        batches_equal_one_at_a_time(
+            &pool,
+            Arc::new(projections::carts::CartsProjection::new(
+                VersionedCache::disabled(),
+            )),
+            seed,
+        )
+        .await;
     }
     assert!(count(&pool, "SELECT count(*) FROM one_by_one.cart_lines").await > 0);
 }

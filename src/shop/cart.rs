@@ -140,11 +140,9 @@ struct CachedLine {
     quantity: i64,
 }
 
-/// A cart's cache entry. Its lines are the cart at the entry's version: a
-/// checkout takes them as the cart. Entries filled before that held
-/// (`cart:`, whose lines and version came from two reads) are never read.
+/// A cart's cache entry (see [`projections::cache::keys::cart`]).
 pub(crate) fn cart_key(user_id: Uuid) -> String {
-    projections::cache::keys::with_id("cart-at-version:", user_id)
+    projections::cache::keys::cart(user_id)
 }
 
 /// The cart from Postgres, refreshing the cache with the version it read.

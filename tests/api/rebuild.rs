@@ -155,16 +155,7 @@ async fn verify_projections_finds_rows_tampered_with_and_a_rebuild_repairs_them(
     // The product page now caches the tampered name at the product's
     // current version, as it would have if the row had gone wrong by itself.
     let slug = slug_of(&app, &cap).await;
-    let cached_key = format!(
-        "{}catalog:product:{}",
-        app.settings.redis_key_prefix, cap.product_id
-    );
-    let mut redis = app.state.redis.connection().expect("a Redis connection");
-    let _: () = redis::cmd("DEL")
-        .arg(&cached_key)
-        .query_async(&mut redis)
-        .await
-        .expect("DEL");
+    drop_cache_entry(&app, &projections::cache::keys::product(cap.product_id)).await;
     assert_eq!(product_name(&app, &slug).await, "Tampered");
 
     let reports = verify_all(&app.pool, &read_models(&app))
@@ -339,13 +330,7 @@ async fn a_rebuild_replaces_a_cached_stock_level_of_the_same_version() {
         .expect("stock tampered with");
     // The cache now holds the tampered row at the item's current version,
     // as it would have if the row had gone wrong by itself.
-    let cached_key = format!("{}stock:{}", app.settings.redis_key_prefix, item.variant_id);
-    let mut redis = app.state.redis.connection().expect("a Redis connection");
-    let _: () = redis::cmd("DEL")
-        .arg(&cached_key)
-        .query_async(&mut redis)
-        .await
-        .expect("DEL");
+    drop_cache_entry(&app, &projections::cache::keys::stock(item.variant_id)).await;
     assert_eq!(on_hand(&app, &admin, item.variant_id).await, 55);
 
     let stock: Vec<Arc<dyn Projection>> = read_models(&app)
@@ -359,6 +344,68 @@ async fn a_rebuild_replaces_a_cached_stock_level_of_the_same_version() {
         50,
         "the repaired row is served, not the cached copy of the tampered one"
     );
+}
+
+#[tokio::test]
+async fn a_rebuild_drops_a_cached_cart_of_the_same_version() {
+    let app = spawn_app().await;
+    let admin = TestUser::create_admin(&app).await;
+    let item = stocked_product(&app, &admin, 1999, 50).await;
+    let buyer = TestUser::register_customer(&app).await;
+    assert_eq!(
+        add_to_cart(&app, &buyer, item.variant_id, 2).await.status(),
+        200
+    );
+    settle_projections(&app).await;
+    sqlx::query("UPDATE cart_lines SET quantity = 7 WHERE user_id = $1")
+        .bind(buyer.id)
+        .execute(&app.pool)
+        .await
+        .expect("cart tampered with");
+    // The cache now holds the tampered lines at the cart's current version,
+    // as it would have if the row had gone wrong by itself.
+    drop_cache_entry(&app, &projections::cache::keys::cart(buyer.id)).await;
+    assert_eq!(cart_quantity(&app, &buyer).await, 7);
+    assert_eq!(
+        cart_quantity(&app, &buyer).await,
+        7,
+        "served from the cache"
+    );
+
+    let carts: Vec<Arc<dyn Projection>> = read_models(&app)
+        .into_iter()
+        .filter(|projection| projection.name() == projections::carts::NAME)
+        .collect();
+    rebuild_all(&app.pool, &carts).await.expect("rebuilt");
+
+    assert_eq!(
+        cart_quantity(&app, &buyer).await,
+        2,
+        "the repaired cart is served, not the cached copy of the tampered one"
+    );
+}
+
+/// Deletes a cache entry, so that the next read fills it from the row as
+/// it is now.
+async fn drop_cache_entry(app: &TestApp, name: &str) {
+    let key = format!("{}{name}", app.settings.redis_key_prefix);
+    let mut redis = app.state.redis.connection().expect("a Redis connection");
+    let _: () = redis::cmd("DEL")
+        .arg(&key)
+        .query_async(&mut redis)
+        .await
+        .expect("DEL");
+}
+
+/// How many units the buyer's cart holds, as `get-cart` answers.
+async fn cart_quantity(app: &TestApp, buyer: &TestUser) -> i64 {
+    let cart: Value = app
+        .get_as("/api/v1/cart/get-cart", &buyer.access_token)
+        .await
+        .json()
+        .await
+        .expect("cart JSON");
+    cart["item_count"].as_i64().unwrap_or(-1)
 }
 
 /// A variant's `on_hand` as an admin reads it (from the cache when there).
