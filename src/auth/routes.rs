@@ -156,11 +156,8 @@ pub async fn login(
     .await
     {
         Ok(account) => account,
-        Err(error @ ApiError::Unauthorized(_)) => {
-            state.login_guard.record_failure(&email).await;
-            return Err(error);
-        }
-        Err(other) => return Err(other),
+        // The gate counted the attempt as a failure already.
+        Err(error) => return Err(error),
     };
     state.login_guard.record_success(&email, address).await;
     let refresh_token =

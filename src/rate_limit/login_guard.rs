@@ -87,11 +87,15 @@ impl LoginGuard {
         format!("{}login:{hex}", self.key_prefix)
     }
 
+    /// Decides an attempt before its password is checked, counting it as a
+    /// failure at once (a successful login clears the count): attempts sent
+    /// together each see the ones before them, so a burst cannot have more
+    /// passwords checked than the lock allows.
     pub async fn gate(&self, email: &str, address: Option<IpAddr>) -> LoginGate {
         let key = self.account_key(email);
-        let (failures, remaining, known) = match self.read_shared(&key, address).await {
+        let (failures, remaining, known) = match self.count_shared(&key, address).await {
             Some(shared) => shared,
-            None => self.read_local(&key, address),
+            None => self.count_local(&key, address),
         };
         if failures >= LOCK_AFTER && !known {
             return LoginGate::Locked {
@@ -101,35 +105,6 @@ impl LoginGuard {
         LoginGate::Proceed {
             delay: delay_for(failures),
         }
-    }
-
-    pub async fn record_failure(&self, email: &str) {
-        let key = self.account_key(email);
-        if let Some(mut redis) = self.store.healthy_redis() {
-            let failures_key = format!("{key}:failures");
-            let outcome = tokio::time::timeout(REDIS_TIMEOUT, async {
-                let count: u64 = redis.incr(&failures_key, 1).await?;
-                if count == 1 {
-                    let _: () = redis
-                        .expire(&failures_key, self.window.as_secs().max(1) as i64)
-                        .await?;
-                }
-                Ok::<(), redis::RedisError>(())
-            })
-            .await;
-            let outcome = flatten(outcome);
-            self.store.note_redis_outcome(&outcome);
-            if outcome.is_ok() {
-                return;
-            }
-        }
-        let mut local = self.local.lock().unwrap_or_else(PoisonError::into_inner);
-        let account = local.entry(key).or_default();
-        if account.live_failures(self.window).0 == 0 {
-            account.failures = 0;
-            account.window_started = Some(Instant::now());
-        }
-        account.failures += 1;
     }
 
     pub async fn record_success(&self, email: &str, address: Option<IpAddr>) {
@@ -158,7 +133,9 @@ impl LoginGuard {
         account.known_addresses.extend(address);
     }
 
-    async fn read_shared(
+    /// Counts an attempt in Redis: the failures before it, how long their
+    /// window has left, and whether the address signed in before.
+    async fn count_shared(
         &self,
         key: &str,
         address: Option<IpAddr>,
@@ -166,9 +143,10 @@ impl LoginGuard {
         let mut redis = self.store.healthy_redis()?;
         let failures_key = format!("{key}:failures");
         let known_key = format!("{key}:known");
+        let window = self.window.as_secs().max(1) as i64;
         let reply = tokio::time::timeout(REDIS_TIMEOUT, async {
-            let (failures, ttl, known): (Option<u64>, i64, bool) = redis::pipe()
-                .get(&failures_key)
+            let (attempts, ttl, known): (u64, i64, bool) = redis::pipe()
+                .incr(&failures_key, 1)
                 .ttl(&failures_key)
                 .sismember(
                     &known_key,
@@ -176,8 +154,16 @@ impl LoginGuard {
                 )
                 .query_async(&mut redis)
                 .await?;
+            // The first failure of a window starts it (a count left without
+            // an expiry by a failed call starts one too).
+            let ttl = if ttl < 0 {
+                let _: () = redis.expire(&failures_key, window).await?;
+                window
+            } else {
+                ttl
+            };
             Ok::<_, redis::RedisError>((
-                failures.unwrap_or(0),
+                attempts.saturating_sub(1),
                 Duration::from_secs(ttl.max(0) as u64),
                 known,
             ))
@@ -192,16 +178,23 @@ impl LoginGuard {
         reply.ok().and_then(Result::ok)
     }
 
-    fn read_local(&self, key: &str, address: Option<IpAddr>) -> (u64, Duration, bool) {
-        let local = self.local.lock().unwrap_or_else(PoisonError::into_inner);
-        match local.get(key) {
-            Some(account) => {
-                let (failures, remaining) = account.live_failures(self.window);
-                let known = address.is_some_and(|a| account.known_addresses.contains(&a));
-                (failures, remaining, known)
-            }
-            None => (0, Duration::ZERO, false),
+    /// [`Self::count_shared`] in this instance's memory, while Redis is down.
+    fn count_local(&self, key: &str, address: Option<IpAddr>) -> (u64, Duration, bool) {
+        let mut local = self.local.lock().unwrap_or_else(PoisonError::into_inner);
+        let account = local.entry(key.to_owned()).or_default();
+        let (failures, remaining) = account.live_failures(self.window);
+        if failures == 0 {
+            account.failures = 0;
+            account.window_started = Some(Instant::now());
         }
+        account.failures += 1;
+        let known = address.is_some_and(|a| account.known_addresses.contains(&a));
+        let remaining = if failures == 0 {
+            self.window
+        } else {
+            remaining
+        };
+        (failures, remaining, known)
     }
 }
 
@@ -238,8 +231,9 @@ mod tests {
         let home: IpAddr = "198.51.100.1".parse().unwrap();
         let attacker: IpAddr = "203.0.113.66".parse().unwrap();
         guard.record_success("User@Example.com", Some(home)).await;
+        // Each attempt counts as a failure until one succeeds.
         for _ in 0..LOCK_AFTER {
-            guard.record_failure("user@example.com").await;
+            guard.gate("user@example.com", Some(attacker)).await;
         }
         assert!(matches!(
             guard.gate("user@example.com", Some(attacker)).await,

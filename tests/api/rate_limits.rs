@@ -242,10 +242,44 @@ async fn login_from(
 }
 
 #[tokio::test]
+async fn failed_logins_sent_at_once_cannot_check_more_passwords_than_the_lock_allows() {
+    let mut settings = test_settings();
+    settings.trusted_proxies = vec!["127.0.0.1/32".parse().unwrap()];
+    let app = spawn_app_from(settings).await;
+    let user = TestUser::register_customer(&app).await;
+    // One attempt from each of many addresses, so that no per-address
+    // limit stops any of them.
+    let attempts = (1..=30).map(|host| {
+        let (app, email) = (&app, user.email.clone());
+        async move {
+            let address = format!("203.0.113.{host}");
+            login_from(app, &email, "wrong password", &address)
+                .await
+                .status()
+                .as_u16()
+        }
+    });
+    let statuses = futures_util::future::join_all(attempts).await;
+    let checked = statuses.iter().filter(|status| **status == 401).count();
+    assert!(
+        checked <= commerce::rate_limit::login_guard::LOCK_AFTER as usize,
+        "{checked} passwords checked: {statuses:?}"
+    );
+    assert!(
+        statuses
+            .iter()
+            .all(|status| *status == 401 || *status == 429),
+        "{statuses:?}"
+    );
+}
+
+#[tokio::test]
 async fn failed_logins_slow_an_account_then_lock_it_for_new_addresses_until_the_window_ends() {
     let mut settings = test_settings();
     settings.trusted_proxies = vec!["127.0.0.1/32".parse().unwrap()];
-    settings.login_failure_window = Duration::from_secs(3);
+    // Long enough for the burst below: attempts sent together are slowed
+    // one after another, up to 4 s.
+    settings.login_failure_window = Duration::from_secs(8);
     let app = spawn_app_from(settings).await;
     let user = TestUser::register_customer(&app).await;
     let bystander = TestUser::register_customer(&app).await;
@@ -293,7 +327,7 @@ async fn failed_logins_slow_an_account_then_lock_it_for_new_addresses_until_the_
         200
     );
     // The lock runs out with the window.
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    tokio::time::sleep(Duration::from_secs(8)).await;
     assert_eq!(
         login_from(&app, &user.email, &user.password, traveller)
             .await
