@@ -51,7 +51,7 @@ impl Projection for CartsProjection {
         let entries: Vec<(String, i64)> = latest
             .iter()
             .filter_map(|event| {
-                let user_id: Uuid = event.aggregate_id.parse().ok()?;
+                let user_id = event.aggregate_uuid().ok()?;
                 Some((keys::cart(user_id), event.sequence))
             })
             .collect();
