@@ -106,6 +106,8 @@ pub struct Order {
     late_payment: bool,
     cancel_reason: Option<CancelReason>,
     refund_id: Option<String>,
+    /// Payments whose refund was decided: none of them may be kept any more.
+    refunds_decided: BTreeSet<String>,
 }
 
 /// What can be asked of an order.
@@ -145,6 +147,14 @@ pub enum OrderCommand {
     Cancel {
         reason: CancelReason,
         cancelled_at: DateTime<Utc>,
+    },
+    /// Give a payment back: decided before the provider is asked, so that
+    /// a retry after a refund the provider made but we did not record
+    /// finishes the refund instead of keeping the payment.
+    DecideRefund {
+        payment_intent_id: String,
+        amount_cents: i64,
+        decided_at: DateTime<Utc>,
     },
     /// A payment for the order was returned to the customer.
     Refund {
@@ -187,6 +197,15 @@ pub enum OrderEvent {
         reason: CancelReason,
         cancelled_at: DateTime<Utc>,
     },
+    /// A payment is to be given back; the provider is asked next, and
+    /// `OrderRefunded` follows once it has. The payment can no longer be
+    /// kept.
+    RefundDecided {
+        payment_intent_id: String,
+        amount_cents: i64,
+        currency: Currency,
+        decided_at: DateTime<Utc>,
+    },
     /// A payment for the order was returned.
     OrderRefunded {
         payment_intent_id: String,
@@ -204,6 +223,7 @@ impl DomainEvent for OrderEvent {
             Self::PaymentStarted { .. } => "PaymentStarted",
             Self::OrderPaid { .. } => "OrderPaid",
             Self::OrderCancelled { .. } => "OrderCancelled",
+            Self::RefundDecided { .. } => "RefundDecided",
             Self::OrderRefunded { .. } => "OrderRefunded",
         }
         .to_owned()
@@ -268,6 +288,9 @@ pub enum OrderError {
     /// A refund must be positive and at most what was paid.
     #[error("cannot refund {amount_cents}: at most {max_cents}")]
     InvalidRefundAmount { amount_cents: i64, max_cents: i64 },
+    /// The payment is being given back, so it cannot be kept.
+    #[error("payment {payment_intent_id} is being refunded")]
+    RefundUnderway { payment_intent_id: String },
 }
 
 impl Order {
@@ -350,6 +373,22 @@ impl Order {
     /// The provider's id of the refund, once refunded.
     pub fn refund_id(&self) -> Option<&str> {
         self.refund_id.as_deref()
+    }
+
+    /// Whether giving back the payment `payment_intent_id` was decided
+    /// (whether or not the provider has made the refund yet).
+    pub fn refund_decided(&self, payment_intent_id: &str) -> bool {
+        self.refunds_decided.contains(payment_intent_id)
+    }
+
+    /// Refuses to keep a payment whose refund was decided.
+    fn check_not_refunding(&self, payment_intent_id: &str) -> Result<(), OrderError> {
+        if self.refund_decided(payment_intent_id) {
+            return Err(OrderError::RefundUnderway {
+                payment_intent_id: payment_intent_id.to_owned(),
+            });
+        }
+        Ok(())
     }
 
     /// Checks an attached intent (if any) against the one reported.
@@ -493,6 +532,7 @@ impl Order {
         paid_at: DateTime<Utc>,
     ) -> Result<Vec<OrderEvent>, OrderError> {
         let (status, currency) = self.placed()?;
+        self.check_not_refunding(&payment_intent_id)?;
         match status {
             OrderStatus::Created | OrderStatus::PaymentPending => {
                 self.check_intent(&payment_intent_id)?;
@@ -522,6 +562,7 @@ impl Order {
         paid_at: DateTime<Utc>,
     ) -> Result<Vec<OrderEvent>, OrderError> {
         let (status, currency) = self.placed()?;
+        self.check_not_refunding(&payment_intent_id)?;
         match status {
             OrderStatus::Cancelled => {
                 if !matches!(
@@ -576,16 +617,17 @@ impl Order {
         }
     }
 
-    fn refund(
+    /// Whether `amount_cents` of `payment_intent_id` is still to be given
+    /// back (false once the order is refunded); refuses an order that took
+    /// no payment and more than was paid.
+    fn refund_still_due(
         &self,
-        payment_intent_id: String,
-        refund_id: String,
+        status: OrderStatus,
+        payment_intent_id: &str,
         amount_cents: i64,
-        refunded_at: DateTime<Utc>,
-    ) -> Result<Vec<OrderEvent>, OrderError> {
-        let (status, currency) = self.placed()?;
+    ) -> Result<bool, OrderError> {
         let max_cents = match status {
-            OrderStatus::Refunded => return Ok(vec![]),
+            OrderStatus::Refunded => return Ok(false),
             OrderStatus::Created | OrderStatus::PaymentPending => {
                 return Err(OrderError::InvalidTransition {
                     from: status,
@@ -593,7 +635,7 @@ impl Order {
                 })
             }
             OrderStatus::Paid => {
-                self.check_intent(&payment_intent_id)?;
+                self.check_intent(payment_intent_id)?;
                 self.paid_amount_cents.unwrap_or(self.total_cents)
             }
             // A payment that arrived after the cancellation and was not
@@ -605,6 +647,40 @@ impl Order {
                 amount_cents,
                 max_cents,
             });
+        }
+        Ok(true)
+    }
+
+    fn decide_refund(
+        &self,
+        payment_intent_id: String,
+        amount_cents: i64,
+        decided_at: DateTime<Utc>,
+    ) -> Result<Vec<OrderEvent>, OrderError> {
+        let (status, currency) = self.placed()?;
+        if !self.refund_still_due(status, &payment_intent_id, amount_cents)?
+            || self.refund_decided(&payment_intent_id)
+        {
+            return Ok(vec![]);
+        }
+        Ok(vec![OrderEvent::RefundDecided {
+            payment_intent_id,
+            amount_cents,
+            currency: currency.clone(),
+            decided_at,
+        }])
+    }
+
+    fn refund(
+        &self,
+        payment_intent_id: String,
+        refund_id: String,
+        amount_cents: i64,
+        refunded_at: DateTime<Utc>,
+    ) -> Result<Vec<OrderEvent>, OrderError> {
+        let (status, currency) = self.placed()?;
+        if !self.refund_still_due(status, &payment_intent_id, amount_cents)? {
+            return Ok(vec![]);
         }
         Ok(vec![OrderEvent::OrderRefunded {
             payment_intent_id,
@@ -662,6 +738,11 @@ impl Decider for Order {
                 reason,
                 cancelled_at,
             } => self.cancel(reason, cancelled_at),
+            OrderCommand::DecideRefund {
+                payment_intent_id,
+                amount_cents,
+                decided_at,
+            } => self.decide_refund(payment_intent_id, amount_cents, decided_at),
             OrderCommand::Refund {
                 payment_intent_id,
                 refund_id,
@@ -742,6 +823,14 @@ impl Aggregate for Order {
                 self.status = Some(OrderStatus::Cancelled);
                 self.cancel_reason = Some(reason);
                 self.updated_at = Some(cancelled_at);
+            }
+            E::RefundDecided {
+                payment_intent_id,
+                decided_at,
+                ..
+            } => {
+                self.refunds_decided.insert(payment_intent_id);
+                self.updated_at = Some(decided_at);
             }
             E::OrderRefunded {
                 refund_id,
@@ -909,6 +998,29 @@ mod tests {
             refund_id: "re_1".to_owned(),
             amount_cents: cents,
             refunded_at: later(20),
+        }
+    }
+
+    fn refund_decided(intent: &str) -> OrderEvent {
+        OrderEvent::RefundDecided {
+            payment_intent_id: intent.to_owned(),
+            amount_cents: 4498,
+            currency: usd(),
+            decided_at: later(19),
+        }
+    }
+
+    fn decide_refund(intent: &str, cents: i64) -> OrderCommand {
+        OrderCommand::DecideRefund {
+            payment_intent_id: intent.to_owned(),
+            amount_cents: cents,
+            decided_at: later(19),
+        }
+    }
+
+    fn underway(intent: &str) -> OrderError {
+        OrderError::RefundUnderway {
+            payment_intent_id: intent.to_owned(),
         }
     }
 
@@ -1363,6 +1475,97 @@ mod tests {
                 .when(refund(INTENT, 4498))
                 .then_expect_error(invalid(status, OrderAction::Refund));
         }
+    }
+
+    // Deciding a refund
+
+    #[test]
+    fn a_refund_is_decided_once_for_a_paid_order_or_a_late_payment() {
+        let histories = [
+            vec![placed(), started(INTENT), paid(false)],
+            vec![placed(), started(INTENT), cancelled(CancelReason::Expired)],
+        ];
+        for history in histories {
+            Orders::with(())
+                .given(history.clone())
+                .when(decide_refund(INTENT, 4498))
+                .then_expect_events(vec![refund_decided(INTENT)]);
+            let mut decided = history;
+            decided.push(refund_decided(INTENT));
+            Orders::with(())
+                .given(decided)
+                .when(decide_refund(INTENT, 4498))
+                .then_expect_events(vec![]);
+        }
+    }
+
+    #[test]
+    fn a_refund_is_decided_under_the_same_rules_as_a_refund() {
+        Orders::with(())
+            .given(vec![placed(), started(INTENT)])
+            .when(decide_refund(INTENT, 4498))
+            .then_expect_error(invalid(OrderStatus::PaymentPending, OrderAction::Refund));
+        Orders::with(())
+            .given(vec![placed(), paid(false)])
+            .when(decide_refund(INTENT, 4499))
+            .then_expect_error(OrderError::InvalidRefundAmount {
+                amount_cents: 4499,
+                max_cents: 4498,
+            });
+        Orders::with(())
+            .given(vec![placed(), paid(false), refunded(4498)])
+            .when(decide_refund(INTENT, 4498))
+            .then_expect_events(vec![]);
+    }
+
+    #[test]
+    fn a_payment_whose_refund_was_decided_can_no_longer_be_kept() {
+        Orders::with(())
+            .given(vec![
+                placed(),
+                started(INTENT),
+                paid(false),
+                refund_decided(INTENT),
+            ])
+            .when(confirm(INTENT, 4498, "USD"))
+            .then_expect_error(underway(INTENT));
+        Orders::with(())
+            .given(vec![
+                placed(),
+                started(INTENT),
+                cancelled(CancelReason::Expired),
+                refund_decided(INTENT),
+            ])
+            .when(honour(INTENT, 4498))
+            .then_expect_error(underway(INTENT));
+        // The refund itself still goes through.
+        Orders::with(())
+            .given(vec![
+                placed(),
+                started(INTENT),
+                paid(false),
+                refund_decided(INTENT),
+            ])
+            .when(refund(INTENT, 4498))
+            .then_expect_events(vec![refunded(4498)]);
+    }
+
+    #[test]
+    fn another_late_payment_is_not_held_back_by_a_refund_decided_for_the_first() {
+        Orders::with(())
+            .given(vec![
+                placed(),
+                cancelled(CancelReason::Expired),
+                refund_decided("pi_other"),
+            ])
+            .when(honour(INTENT, 4498))
+            .then_expect_events(vec![OrderEvent::OrderPaid {
+                payment_intent_id: INTENT.to_owned(),
+                amount_cents: 4498,
+                currency: usd(),
+                late: true,
+                paid_at: later(2),
+            }]);
     }
 
     // State and wire format

@@ -130,6 +130,9 @@ impl Projection for OrdersProjection {
                 )
                 .await?;
             }
+            // Nothing a reader sees: the order keeps its status until the
+            // refund is made.
+            OrderEvent::RefundDecided { .. } => {}
             OrderEvent::OrderRefunded {
                 payment_intent_id, ..
             } => {
@@ -217,6 +220,7 @@ impl Projection for OrdersProjection {
                 OrderEvent::OrderRefunded {
                     payment_intent_id, ..
                 } => ("refunded", Keep, Set(payment_intent_id)),
+                OrderEvent::RefundDecided { .. } => continue,
             };
             let Some(row) = orders
                 .get_mut(&order_id)

@@ -138,7 +138,9 @@ impl Projection for SalesProjection {
             return Ok(());
         };
         match payload {
-            OrderEvent::OrderPlaced { .. } | OrderEvent::PaymentStarted { .. } => {}
+            OrderEvent::OrderPlaced { .. }
+            | OrderEvent::PaymentStarted { .. }
+            | OrderEvent::RefundDecided { .. } => {}
             OrderEvent::OrderPaid {
                 amount_cents,
                 late,

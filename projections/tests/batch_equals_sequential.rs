@@ -383,7 +383,18 @@ fn order_streams(
                     at,
                 );
             };
+            // Every refund is decided before it is made, as the server does.
             let refunded = |stream: &mut Stream, at: DateTime<Utc>, amount_cents: i64| {
+                stream.push(
+                    "RefundDecided",
+                    &OrderEvent::RefundDecided {
+                        payment_intent_id: format!("pi_{order_id}"),
+                        amount_cents,
+                        currency: currency(currency_code),
+                        decided_at: at,
+                    },
+                    at,
+                );
                 stream.push(
                     "OrderRefunded",
                     &OrderEvent::OrderRefunded {

@@ -7,6 +7,10 @@
 //! it is, a payment that arrives after the hold expired is honoured if the
 //! stock can be reserved again and refunded otherwise, and a second payment
 //! for a paid order is refunded. Money is never silently kept.
+//!
+//! A refund is decided (an event) before the provider is asked for it, so
+//! a retry after a refund the provider made but we failed to record
+//! finishes that refund rather than keeping the payment.
 
 use actix_web::http::header::HeaderMap;
 use actix_web::{post, web, HttpRequest, HttpResponse};
@@ -86,6 +90,12 @@ pub async fn settle_paid(
     let Some(order) = load_order(state, order_id).await? else {
         return Err(ApiError::not_found("order"));
     };
+    if order.status() == Some(OrderStatus::Refunded) {
+        return Ok(Settlement::Refunded);
+    }
+    if order.refund_decided(&intent.id) {
+        return refund_order(state, &order, &intent.id, intent.amount_cents, metadata).await;
+    }
     let confirm = OrderCommand::ConfirmPayment {
         payment_intent_id: intent.id.clone(),
         amount_cents: intent.amount_cents,
@@ -94,10 +104,13 @@ pub async fn settle_paid(
     };
     match execute_order(state, order_id, confirm, metadata).await {
         Ok(position) => {
-            if !keep_stock(state, order_id, &variants_of(&order), metadata).await? {
+            if !keep_stock(state, order_id, &variants_of(&order), metadata).await?
+                || refund_decided_since(state, order_id, &intent.id).await?
+            {
                 // Paid already, by a late payment whose hold was released
-                // before its units were committed, and they are gone now.
-                return refund_order(state, order_id, &intent.id, intent.amount_cents, metadata)
+                // before its units were committed, and they are gone now;
+                // or another settlement of this payment gave up on it.
+                return refund_order(state, &order, &intent.id, intent.amount_cents, metadata)
                     .await;
             }
             wait_for_orders(state, position).await?;
@@ -109,6 +122,10 @@ pub async fn settle_paid(
         Err(CommandError::Rejected(OrderError::NotPayable {
             status: OrderStatus::Refunded,
         })) => Ok(Settlement::Refunded),
+        // Another settlement of this payment decided to refund it meanwhile.
+        Err(CommandError::Rejected(OrderError::RefundUnderway { .. })) => {
+            refund_order(state, &order, &intent.id, intent.amount_cents, metadata).await
+        }
         // Paid already, with another payment: give this one back.
         Err(CommandError::Rejected(OrderError::PaymentIntentMismatch { .. })) => {
             refund_at_provider(state, order_id, &intent.id, intent.amount_cents).await?;
@@ -187,9 +204,34 @@ async fn keep_stock(
         }
     }
     // The money goes back, so the units it took go back too.
-    return_committed(state, order_id, lines, metadata).await?;
-    release_lines(state, order_id, lines, ReleaseReason::Cancelled, metadata).await?;
+    give_back_units(state, order_id, lines, metadata).await?;
     Ok(false)
+}
+
+/// Whether the payment's refund was decided since the order was loaded (by
+/// another settlement of the same payment running at the same time): read
+/// after this settlement's commits, so that either this settlement sees
+/// the decision, or the deciding one gives back the units it committed.
+async fn refund_decided_since(
+    state: &AppState,
+    order_id: Uuid,
+    intent_id: &str,
+) -> Result<bool, ApiError> {
+    Ok(load_order(state, order_id)
+        .await?
+        .is_some_and(|order| order.refund_decided(intent_id)))
+}
+
+/// Puts back the units the order took off the shelf and releases those it
+/// holds: both no-ops where there are none.
+async fn give_back_units(
+    state: &AppState,
+    order_id: Uuid,
+    lines: &[(Uuid, u32)],
+    metadata: &Metadata,
+) -> Result<(), ApiError> {
+    return_committed(state, order_id, lines, metadata).await?;
+    release_lines(state, order_id, lines, ReleaseReason::Cancelled, metadata).await
 }
 
 /// Puts back on the shelf the units the order's payment already took off
@@ -241,18 +283,21 @@ pub async fn settle_paid_stock(
     if order.status() != Some(OrderStatus::Paid) {
         return Ok(());
     }
-    if keep_stock(state, order_id, &variants_of(&order), metadata).await? {
-        return Ok(());
-    }
     let (Some(intent_id), Some(amount_cents)) =
         (order.payment_intent_id(), order.paid_amount_cents())
     else {
         return Err(ApiError::internal(anyhow::anyhow!(
-            "paid order {order_id} records no payment to refund"
+            "paid order {order_id} records no payment"
         )));
     };
+    if !order.refund_decided(intent_id)
+        && keep_stock(state, order_id, &variants_of(&order), metadata).await?
+        && !refund_decided_since(state, order_id, intent_id).await?
+    {
+        return Ok(());
+    }
     tracing::error!(%order_id, "paid order's units are gone; refunding");
-    refund_order(state, order_id, intent_id, amount_cents, metadata)
+    refund_order(state, &order, intent_id, amount_cents, metadata)
         .await
         .map(drop)
 }
@@ -268,7 +313,7 @@ async fn honour_or_refund(
 ) -> Result<Settlement, ApiError> {
     let lines = variants_of(order);
     if !reserve_again(state, order_id, &lines, metadata).await? {
-        return refund_order(state, order_id, &intent.id, intent.amount_cents, metadata).await;
+        return refund_order(state, order, &intent.id, intent.amount_cents, metadata).await;
     }
     let honour = OrderCommand::HonourLatePayment {
         payment_intent_id: intent.id.clone(),
@@ -282,22 +327,25 @@ async fn honour_or_refund(
             let _ =
                 release_lines(state, order_id, &lines, ReleaseReason::Cancelled, metadata).await;
             return match error {
-                CommandError::Rejected(OrderError::NotHonourable { .. })
-                | CommandError::Rejected(OrderError::InvalidTransition { .. }) => {
-                    refund_order(state, order_id, &intent.id, intent.amount_cents, metadata).await
-                }
+                CommandError::Rejected(
+                    OrderError::NotHonourable { .. }
+                    | OrderError::InvalidTransition { .. }
+                    | OrderError::RefundUnderway { .. },
+                ) => refund_order(state, order, &intent.id, intent.amount_cents, metadata).await,
                 other => Err(ApiError::from_command(other, order_rejection)),
             };
         }
     };
-    if keep_stock(state, order_id, &lines, metadata).await? {
+    if keep_stock(state, order_id, &lines, metadata).await?
+        && !refund_decided_since(state, order_id, &intent.id).await?
+    {
         wait_for_orders(state, position).await?;
         return Ok(Settlement::Paid);
     }
     // Honoured, but the scheduler released the old hold under us and the
     // units are gone: nothing may be sold twice, so the money goes back.
     tracing::error!(%order_id, "late payment honoured but stock could not be committed");
-    refund_order(state, order_id, &intent.id, intent.amount_cents, metadata).await
+    refund_order(state, order, &intent.id, intent.amount_cents, metadata).await
 }
 
 /// Reserves every line again for the order; false (and nothing held) when
@@ -341,13 +389,46 @@ async fn refund_at_provider(
     Ok(refund)
 }
 
+/// Gives a payment for `order` back, in an order that survives a failure at
+/// any step: the decision first (from then on nothing can keep the
+/// payment, and any retry lands here), then the units the order holds or
+/// took go back (again, harmlessly, where they went back already), then
+/// the money, idempotently at the provider, and last the record of it.
 async fn refund_order(
     state: &AppState,
-    order_id: Uuid,
+    order: &Order,
     intent_id: &str,
     amount_cents: i64,
     metadata: &Metadata,
 ) -> Result<Settlement, ApiError> {
+    let order_id = order.order_id();
+    if order.status() == Some(OrderStatus::Refunded) {
+        return Ok(Settlement::Refunded);
+    }
+    let decide = OrderCommand::DecideRefund {
+        payment_intent_id: intent_id.to_owned(),
+        amount_cents,
+        decided_at: Utc::now(),
+    };
+    match execute_order(state, order_id, decide, metadata).await {
+        Ok(_) => {}
+        // Paid meanwhile with another payment: this one goes back, the
+        // order's units stay sold.
+        Err(CommandError::Rejected(OrderError::PaymentIntentMismatch { .. })) => {
+            refund_at_provider(state, order_id, intent_id, amount_cents).await?;
+            return Ok(Settlement::Refunded);
+        }
+        Err(error) => return Err(ApiError::from_command(error, order_rejection)),
+    }
+    // Read after the decision: an order paid meanwhile with another
+    // payment of its own keeps its units.
+    let keeps_another_payment = load_order(state, order_id).await?.is_some_and(|current| {
+        current.status() == Some(OrderStatus::Paid)
+            && current.payment_intent_id() != Some(intent_id)
+    });
+    if !keeps_another_payment {
+        give_back_units(state, order_id, &variants_of(order), metadata).await?;
+    }
     let refund = refund_at_provider(state, order_id, intent_id, amount_cents).await?;
     let record = OrderCommand::Refund {
         payment_intent_id: intent_id.to_owned(),

@@ -1291,6 +1291,89 @@ async fn a_paid_order_that_cannot_keep_every_line_puts_back_what_it_had_sold_and
     assert_eq!(counts(&stock(&app, &admin, plenty).await), (5, 0, 5));
 }
 
+/// Makes this test's event store refuse `event_type` until
+/// [`store_events_again`], as a store that fails at that moment would.
+async fn refuse_events_of_type(app: &TestApp, event_type: &str) {
+    sqlx::raw_sql(&format!(
+        "CREATE FUNCTION refuse_event() RETURNS trigger LANGUAGE plpgsql AS $$ \
+         BEGIN RAISE EXCEPTION 'the store is down'; END $$; \
+         CREATE TRIGGER refuse_event BEFORE INSERT ON events FOR EACH ROW \
+         WHEN (NEW.event_type = '{event_type}') EXECUTE FUNCTION refuse_event();"
+    ))
+    .execute(&app.pool)
+    .await
+    .unwrap();
+}
+
+async fn store_events_again(app: &TestApp) {
+    sqlx::raw_sql("DROP TRIGGER refuse_event ON events; DROP FUNCTION refuse_event();")
+        .execute(&app.pool)
+        .await
+        .unwrap();
+}
+
+/// How many times the order's units were reserved.
+async fn reservations_of(app: &TestApp, order_id: &str) -> i64 {
+    sqlx::query_scalar(
+        "SELECT count(*) FROM events WHERE event_type = 'StockReserved' \
+         AND payload -> 'StockReserved' ->> 'order_id' = $1",
+    )
+    .bind(order_id)
+    .fetch_one(&app.pool)
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn a_refund_made_at_the_provider_but_not_recorded_is_finished_by_the_retry_even_after_a_restock(
+) {
+    let stripe = FakeStripe::start().await;
+    let app = stripe_app(&stripe, 1).await;
+    let admin = TestUser::create_admin(&app).await;
+    let variant = product_with_stock(&app, &admin, 1).await;
+    let late = buyer_with_cart(&app, variant, 1).await;
+    let order: Value = checkout(&app, &late, "late").await.json().await.unwrap();
+    let order_id = order["id"].as_str().unwrap().to_owned();
+    let intent_id = payment_intent_for(&app, &late, &order_id, "i").await;
+    wait_for_status(&app, &late, &order_id, "cancelled").await;
+    let quick = buyer_with_cart(&app, variant, 1).await;
+    assert_eq!(checkout(&app, &quick, "quick").await.status(), 201);
+    assert_eq!(reservations_of(&app, &order_id).await, 1);
+
+    // The late payment is refunded at the provider, and then the store
+    // fails to record the refund: the webhook is answered 500, so Stripe
+    // will deliver it again.
+    stripe.set_status(&intent_id, "succeeded");
+    refuse_events_of_type(&app, "OrderRefunded").await;
+    let first = deliver(&app, &stripe, "payment_intent.succeeded", &intent_id).await;
+    assert_eq!(first.status(), 500);
+    assert_eq!(stripe.refunds().len(), 1, "the money went back");
+    store_events_again(&app).await;
+
+    // Units arrive before the retry: the money is gone already, so they
+    // must not be taken for this order.
+    on_stock(
+        &app,
+        variant,
+        domain::inventory::InventoryCommand::AddStock {
+            quantity: Quantity::new(5).unwrap(),
+            reason: None,
+        },
+    )
+    .await;
+    let retry = deliver(&app, &stripe, "payment_intent.succeeded", &intent_id).await;
+    assert_eq!(retry.status(), 200);
+
+    assert_eq!(order_of(&app, &late, &order_id).await["status"], "refunded");
+    let refunds = stripe.refunds();
+    assert_eq!(refunds.len(), 1, "refunded once: {refunds:?}");
+    assert_eq!(
+        reservations_of(&app, &order_id).await,
+        1,
+        "no units were taken for a payment that was given back"
+    );
+}
+
 #[tokio::test]
 async fn the_cart_is_served_from_redis_with_current_prices_and_from_postgres_when_redis_is_gone() {
     let app = spawn_app().await;

@@ -158,7 +158,9 @@ pub(super) async fn apply_batch(
         order.version = event.sequence;
         order.changed = true;
         match payload {
-            OrderEvent::OrderPlaced { .. } | OrderEvent::PaymentStarted { .. } => {}
+            OrderEvent::OrderPlaced { .. }
+            | OrderEvent::PaymentStarted { .. }
+            | OrderEvent::RefundDecided { .. } => {}
             OrderEvent::OrderPaid {
                 amount_cents,
                 late,
