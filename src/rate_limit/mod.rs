@@ -157,7 +157,7 @@ impl RateLimits {
         let client = match (class, request.extensions().get::<AuthUser>()) {
             (LimitClass::Sensitive, Some(user)) => format!("user:{}", user.id),
             _ => match self.client_ip(request.request()) {
-                Some(ip) => format!("ip:{ip}"),
+                Some(ip) => format!("ip:{}", address_block(ip)),
                 None => "ip:unknown".to_owned(),
             },
         };
@@ -185,6 +185,18 @@ impl RateLimits {
             .request_denied_response(|verdict: &Option<Verdict>| denied_response(verdict))
             .build()
     }
+}
+
+/// The addresses one client is taken to hold: its IPv4 address, or the
+/// /64 of its IPv6 address, since a single subscriber is routinely handed a
+/// whole /64 and could otherwise send from a fresh address every request.
+fn address_block(ip: IpAddr) -> IpNet {
+    let ip = match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        IpAddr::V4(_) => ip,
+    };
+    let prefix = if ip.is_ipv4() { 32 } else { 64 };
+    IpNet::new_assert(ip, prefix).trunc()
 }
 
 fn seconds(ms: u64) -> u64 {

@@ -227,6 +227,37 @@ async fn behind_a_trusted_proxy_each_forwarded_client_has_its_own_limit() {
     assert_eq!(auth_attempt(&app, Some("198.51.100.1")).await.status(), 429);
 }
 
+#[tokio::test]
+async fn an_ipv6_client_is_limited_by_its_slash_64_not_by_each_address() {
+    let mut settings = limited(2);
+    settings.trusted_proxies = vec!["127.0.0.1/32".parse().unwrap()];
+    let app = spawn_app_from(settings).await;
+
+    // Three addresses of one /64 share one limit.
+    let one_network = [
+        auth_attempt(&app, Some("2001:db8:1:2::1")).await.status(),
+        auth_attempt(&app, Some("2001:db8:1:2:ffff::9"))
+            .await
+            .status(),
+        auth_attempt(&app, Some("2001:db8:1:2:abcd:1:2:3"))
+            .await
+            .status(),
+    ];
+    // The next /64 is another client; an IPv4 client written as an
+    // IPv4-mapped IPv6 address is the IPv4 client.
+    let others = [
+        auth_attempt(&app, Some("2001:db8:1:3::1")).await.status(),
+        auth_attempt(&app, Some("198.51.100.7")).await.status(),
+        auth_attempt(&app, Some("::ffff:198.51.100.7"))
+            .await
+            .status(),
+        auth_attempt(&app, Some("198.51.100.7")).await.status(),
+    ];
+
+    assert_eq!(one_network.map(|s| s.as_u16()), [422, 422, 429]);
+    assert_eq!(others.map(|s| s.as_u16()), [422, 422, 422, 429]);
+}
+
 async fn login_from(
     app: &TestApp,
     email: &str,
