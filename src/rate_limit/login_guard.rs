@@ -6,8 +6,13 @@
 //! time from the last failure window, addresses that signed in successfully
 //! before are exempt, and a successful login clears the count. Counts live
 //! in Redis (shared by every instance) and in memory while Redis is down.
+//! The memory copy is bounded: once it holds [`LOCAL_ACCOUNTS_MAX`] it
+//! forgets half, those with the fewest live failures first and the least
+//! recently seen among equals (so a flood of attempts on made-up accounts
+//! does not wipe a real account's count), and it keeps a few addresses
+//! per account.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
@@ -23,6 +28,12 @@ pub const SLOW_DOWN_AFTER: u64 = 3;
 pub const LOCK_AFTER: u64 = 10;
 const MAX_DELAY: Duration = Duration::from_secs(4);
 const KNOWN_ADDRESS_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
+/// Accounts remembered in this instance's memory at most. Every sign-in is
+/// remembered there (Redis may fail later), so without a bound the map
+/// would grow with every account that ever signed in.
+pub const LOCAL_ACCOUNTS_MAX: usize = 100_000;
+/// Addresses remembered per account in memory: the most recent ones.
+const LOCAL_ADDRESSES_MAX: usize = 8;
 
 /// What to do with a login attempt before checking its password.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -39,17 +50,88 @@ pub struct LoginGuard {
     /// How long failures are remembered, and so how long a lock lasts at most.
     window: Duration,
     key_prefix: Arc<str>,
-    local: Arc<Mutex<HashMap<String, LocalAccount>>>,
+    local: Arc<Mutex<LocalAccounts>>,
 }
 
-#[derive(Default)]
+/// The accounts this instance remembers, at most `capacity` of them.
+struct LocalAccounts {
+    accounts: HashMap<String, LocalAccount>,
+    capacity: usize,
+}
+
 struct LocalAccount {
     failures: u64,
     window_started: Option<Instant>,
-    known_addresses: HashSet<IpAddr>,
+    /// Addresses that signed in, with when they last did, newest last.
+    known_addresses: Vec<(IpAddr, Instant)>,
+    last_seen: Instant,
+}
+
+impl LocalAccounts {
+    fn new(capacity: usize) -> Self {
+        Self {
+            accounts: HashMap::new(),
+            capacity: capacity.max(2),
+        }
+    }
+
+    /// The account under `key`, remembered from now on; when the map is
+    /// full, half of it is forgotten first (amortised: one sweep per
+    /// `capacity / 2` new accounts).
+    fn remember(&mut self, key: &str, window: Duration) -> &mut LocalAccount {
+        if !self.accounts.contains_key(key) && self.accounts.len() >= self.capacity {
+            self.forget_least_needed(self.capacity / 2, window);
+        }
+        let account = self
+            .accounts
+            .entry(key.to_owned())
+            .or_insert_with(|| LocalAccount {
+                failures: 0,
+                window_started: None,
+                known_addresses: Vec::new(),
+                last_seen: Instant::now(),
+            });
+        account.last_seen = Instant::now();
+        account
+    }
+
+    /// Keeps `keep` accounts: those with the most live failures, and the
+    /// most recently seen among equals.
+    fn forget_least_needed(&mut self, keep: usize, window: Duration) {
+        let forget = self.accounts.len().saturating_sub(keep);
+        if forget == 0 {
+            return;
+        }
+        let mut by_need: Vec<((u64, Instant), String)> = self
+            .accounts
+            .iter()
+            .map(|(key, account)| {
+                let need = (account.live_failures(window).0, account.last_seen);
+                (need, key.clone())
+            })
+            .collect();
+        by_need.select_nth_unstable_by_key(forget - 1, |(need, _)| *need);
+        for (_, key) in &by_need[..forget] {
+            self.accounts.remove(key);
+        }
+    }
 }
 
 impl LocalAccount {
+    fn knows(&self, address: IpAddr) -> bool {
+        self.known_addresses
+            .iter()
+            .any(|(known, at)| *known == address && at.elapsed() < KNOWN_ADDRESS_TTL)
+    }
+
+    fn signed_in_from(&mut self, address: IpAddr) {
+        self.known_addresses.retain(|(known, _)| *known != address);
+        if self.known_addresses.len() >= LOCAL_ADDRESSES_MAX {
+            self.known_addresses.remove(0);
+        }
+        self.known_addresses.push((address, Instant::now()));
+    }
+
     fn live_failures(&self, window: Duration) -> (u64, Duration) {
         match self.window_started {
             Some(started) if started.elapsed() < window => {
@@ -75,8 +157,15 @@ impl LoginGuard {
             store,
             window,
             key_prefix: key_prefix.into(),
-            local: Arc::default(),
+            local: Arc::new(Mutex::new(LocalAccounts::new(LOCAL_ACCOUNTS_MAX))),
         }
+    }
+
+    /// A guard whose memory copy holds at most `capacity` accounts.
+    #[cfg(test)]
+    fn with_local_capacity(mut self, capacity: usize) -> Self {
+        self.local = Arc::new(Mutex::new(LocalAccounts::new(capacity)));
+        self
     }
 
     /// Accounts are keyed by a hash of the normalised email, so Redis never
@@ -127,10 +216,12 @@ impl LoginGuard {
         // Remembered locally too, so a Redis outage does not lock the real
         // user out of an address they just used.
         let mut local = self.local.lock().unwrap_or_else(PoisonError::into_inner);
-        let account = local.entry(key).or_default();
+        let account = local.remember(&key, self.window);
         account.failures = 0;
         account.window_started = None;
-        account.known_addresses.extend(address);
+        if let Some(address) = address {
+            account.signed_in_from(address);
+        }
     }
 
     /// Counts an attempt in Redis: the failures before it, how long their
@@ -181,14 +272,14 @@ impl LoginGuard {
     /// [`Self::count_shared`] in this instance's memory, while Redis is down.
     fn count_local(&self, key: &str, address: Option<IpAddr>) -> (u64, Duration, bool) {
         let mut local = self.local.lock().unwrap_or_else(PoisonError::into_inner);
-        let account = local.entry(key.to_owned()).or_default();
+        let account = local.remember(key, self.window);
         let (failures, remaining) = account.live_failures(self.window);
         if failures == 0 {
             account.failures = 0;
             account.window_started = Some(Instant::now());
         }
         account.failures += 1;
-        let known = address.is_some_and(|a| account.known_addresses.contains(&a));
+        let known = address.is_some_and(|a| account.knows(a));
         let remaining = if failures == 0 {
             self.window
         } else {
@@ -257,5 +348,82 @@ mod tests {
                 delay: Duration::ZERO
             }
         );
+    }
+
+    #[tokio::test]
+    async fn the_memory_copy_forgets_the_least_recently_seen_accounts_past_its_bound() {
+        let guard = LoginGuard::new(
+            Arc::new(LimitStore::new(None)),
+            "t:",
+            Duration::from_secs(900),
+        )
+        .with_local_capacity(4);
+        let home: IpAddr = "198.51.100.1".parse().unwrap();
+        guard.record_success("kept@example.com", Some(home)).await;
+        for n in 0..100 {
+            guard
+                .record_success(&format!("user{n}@example.com"), Some(home))
+                .await;
+            // Seen again, so it stays among the most recent.
+            guard.gate("kept@example.com", Some(home)).await;
+        }
+        let local = guard.local.lock().unwrap();
+        assert!(local.accounts.len() <= 4, "{}", local.accounts.len());
+        assert!(local
+            .accounts
+            .contains_key(&guard.account_key("kept@example.com")));
+        assert!(local
+            .accounts
+            .contains_key(&guard.account_key("user99@example.com")));
+        assert!(!local
+            .accounts
+            .contains_key(&guard.account_key("user0@example.com")));
+    }
+
+    #[tokio::test]
+    async fn a_flood_of_made_up_accounts_does_not_wipe_a_real_accounts_failures() {
+        let guard = LoginGuard::new(
+            Arc::new(LimitStore::new(None)),
+            "t:",
+            Duration::from_secs(900),
+        )
+        .with_local_capacity(4);
+        let attacker: IpAddr = "203.0.113.66".parse().unwrap();
+        for _ in 0..LOCK_AFTER {
+            guard.gate("victim@example.com", Some(attacker)).await;
+        }
+        for n in 0..100 {
+            guard
+                .gate(&format!("made-up{n}@example.com"), Some(attacker))
+                .await;
+        }
+        assert!(matches!(
+            guard.gate("victim@example.com", Some(attacker)).await,
+            LoginGate::Locked { .. }
+        ));
+    }
+
+    #[tokio::test]
+    async fn the_memory_copy_keeps_only_an_accounts_most_recent_addresses() {
+        let guard = LoginGuard::new(
+            Arc::new(LimitStore::new(None)),
+            "t:",
+            Duration::from_secs(900),
+        );
+        let addresses: Vec<IpAddr> = (1..=LOCAL_ADDRESSES_MAX as u8 + 1)
+            .map(|host| IpAddr::from([198, 51, 100, host]))
+            .collect();
+        for address in &addresses {
+            guard
+                .record_success("user@example.com", Some(*address))
+                .await;
+        }
+        let local = guard.local.lock().unwrap();
+        let account = &local.accounts[&guard.account_key("user@example.com")];
+        assert!(
+            !account.knows(addresses[0]),
+            "the oldest address is forgotten"
+        );
+        assert!(addresses[1..].iter().all(|address| account.knows(*address)));
     }
 }
