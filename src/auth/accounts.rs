@@ -229,14 +229,31 @@ pub async fn authenticate(
     }
 }
 
-/// Replaces the password of `user_id` after checking the current one, and
-/// ends every session but `keep_session`: whoever else held the old
-/// password is signed out, the caller is not.
+/// Whether `candidate` is the password of the account `credentials` hold.
+pub async fn is_password_of(
+    credentials: Credentials,
+    candidate: String,
+    bcrypt_cost: u32,
+) -> Result<bool, ApiError> {
+    password::verify(
+        SecretString::from(candidate),
+        Some(credentials.password_hash),
+        bcrypt_cost,
+    )
+    .await
+    .map_err(ApiError::internal)
+}
+
+/// Replaces the password of `user_id`, when the caller gave its current
+/// one (checked by [`is_password_of`]), and ends every session but
+/// `keep_session`: whoever else held the old password is signed out, the
+/// caller is not. A wrong current password and a new one that breaks the
+/// rules are reported together.
 pub async fn change_password(
     pool: &PgPool,
     user_id: Uuid,
     keep_session: Uuid,
-    current_password: String,
+    current_password_matches: bool,
     new_password: String,
     bcrypt_cost: u32,
 ) -> Result<(), ApiError> {
@@ -244,16 +261,7 @@ pub async fn change_password(
     let new_password = Password::parse(new_password)
         .map_err(|error| errors.push(FieldError::new("new_password", error.to_string())))
         .ok();
-    let credentials = find_by_id(pool, user_id)
-        .await?
-        .ok_or_else(|| ApiError::Unauthorized("this account no longer exists".into()))?;
-    let current_matches = password::verify(
-        SecretString::from(current_password),
-        Some(credentials.password_hash),
-        bcrypt_cost,
-    )
-    .await?;
-    if !current_matches {
+    if !current_password_matches {
         errors.insert(
             0,
             FieldError::new("current_password", "is not the current password"),

@@ -1,5 +1,7 @@
 //! Auth endpoints: register, login, refresh-token, logout, change-password, me.
 
+use std::net::IpAddr;
+
 use actix_web::cookie::time::Duration as CookieDuration;
 use actix_web::cookie::{Cookie, SameSite};
 use actix_web::http::StatusCode;
@@ -137,15 +139,7 @@ pub async fn login(
     Json(body): Json<LoginRequest>,
 ) -> Result<HttpResponse, ApiError> {
     let address = state.rate_limits.client_ip(&request);
-    match state.login_guard.gate(&body.email, address).await {
-        LoginGate::Locked { retry_after } => {
-            return Err(ApiError::RateLimited {
-                retry_after_secs: retry_after.as_secs().max(1),
-            });
-        }
-        LoginGate::Proceed { delay } if !delay.is_zero() => tokio::time::sleep(delay).await,
-        LoginGate::Proceed { .. } => {}
-    }
+    pass_password_gate(&state, &body.email, address).await?;
     let email = body.email.clone();
     let account = match accounts::authenticate(
         &state.pool,
@@ -163,6 +157,27 @@ pub async fn login(
     let refresh_token =
         sessions::start_session(&state.pool, account.id, state.settings.refresh_token_ttl).await?;
     signed_in(&state, StatusCode::OK, account, refresh_token)
+}
+
+/// Lets a password check on the account `email` go ahead, after its
+/// slow-down, or refuses it while the account is locked for `address`.
+/// The attempt counts as a failure until a success clears it.
+async fn pass_password_gate(
+    state: &AppState,
+    email: &str,
+    address: Option<IpAddr>,
+) -> Result<(), ApiError> {
+    match state.login_guard.gate(email, address).await {
+        LoginGate::Locked { retry_after } => Err(ApiError::RateLimited {
+            retry_after_secs: retry_after.as_secs().max(1),
+        }),
+        LoginGate::Proceed { delay } => {
+            if !delay.is_zero() {
+                tokio::time::sleep(delay).await;
+            }
+            Ok(())
+        }
+    }
 }
 
 /// Exchanges a refresh token (the `refresh_token` cookie, or `refresh_token`
@@ -256,7 +271,9 @@ pub async fn logout(
 }
 
 /// Changes the caller's password and ends every other session of the
-/// account; the caller's own session stays signed in.
+/// account; the caller's own session stays signed in. The current password
+/// is checked under the same per-account guard as a login, so a stolen
+/// access token cannot be used to guess it faster than a login could.
 #[utoipa::path(
     tag = "auth",
     request_body = ChangePasswordRequest,
@@ -267,19 +284,38 @@ pub async fn logout(
         (status = 401, body = Problem, content_type = "application/problem+json"),
         (status = 422, body = Problem, content_type = "application/problem+json",
             description = "`validation_failed`: `current_password` is wrong or `new_password` breaks the rules"),
+        (status = 429, body = Problem, content_type = "application/problem+json",
+            description = "`rate_limited`: the account is locked for this address after repeated \
+                wrong passwords, at login or here (see `Retry-After`)"),
     )
 )]
 #[post("/api/v1/auth/change-password")]
 pub async fn change_password(
     state: web::Data<AppState>,
+    request: HttpRequest,
     caller: AuthUser,
     Json(body): Json<ChangePasswordRequest>,
 ) -> Result<HttpResponse, ApiError> {
+    let credentials = accounts::find_by_id(&state.pool, caller.id)
+        .await?
+        .ok_or_else(|| ApiError::Unauthorized("this account no longer exists".into()))?;
+    let email = credentials.account.email.clone();
+    let address = state.rate_limits.client_ip(&request);
+    pass_password_gate(&state, &email, address).await?;
+    let current_password_matches = accounts::is_password_of(
+        credentials,
+        body.current_password,
+        state.settings.bcrypt_cost,
+    )
+    .await?;
+    if current_password_matches {
+        state.login_guard.record_success(&email, address).await;
+    }
     accounts::change_password(
         &state.pool,
         caller.id,
         caller.session_id,
-        body.current_password,
+        current_password_matches,
         body.new_password,
         state.settings.bcrypt_cost,
     )

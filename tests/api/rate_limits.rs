@@ -305,6 +305,49 @@ async fn failed_logins_sent_at_once_cannot_check_more_passwords_than_the_lock_al
 }
 
 #[tokio::test]
+async fn wrong_current_passwords_at_change_password_count_toward_the_accounts_login_lock() {
+    let mut settings = test_settings();
+    settings.trusted_proxies = vec!["127.0.0.1/32".parse().unwrap()];
+    let app = spawn_app_from(settings).await;
+    let user = TestUser::register_customer(&app).await;
+    // Whoever holds a stolen access token guesses the password here.
+    let guesses = (1..=30).map(|n| {
+        let (app, token) = (&app, user.access_token.clone());
+        async move {
+            app.request(Method::POST, "/api/v1/auth/change-password")
+                .bearer_auth(token)
+                .header("x-forwarded-for", "203.0.113.66")
+                .json(&json!({
+                    "current_password": format!("guess number {n}"),
+                    "new_password": "a brand new passphrase",
+                }))
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        }
+    });
+    let statuses = futures_util::future::join_all(guesses).await;
+
+    let checked = statuses.iter().filter(|status| **status == 422).count();
+    assert!(
+        checked <= commerce::rate_limit::login_guard::LOCK_AFTER as usize,
+        "{checked} passwords checked: {statuses:?}"
+    );
+    assert!(
+        statuses.contains(&429)
+            && statuses
+                .iter()
+                .all(|status| *status == 422 || *status == 429),
+        "{statuses:?}"
+    );
+    // The same lock holds at login, for an address that never signed in.
+    let login = login_from(&app, &user.email, &user.password, "192.0.2.77").await;
+    problem(login, 429, "rate_limited").await;
+}
+
+#[tokio::test]
 async fn failed_logins_slow_an_account_then_lock_it_for_new_addresses_until_the_window_ends() {
     let mut settings = test_settings();
     settings.trusted_proxies = vec!["127.0.0.1/32".parse().unwrap()];
