@@ -33,18 +33,20 @@ pub struct ExpiryOutcome {
     pub failed: usize,
 }
 
+/// A deadline this instance leased: the order, its variants, and the lease
+/// (which names the lease in the row, so that a deadline set again while
+/// the job ran survives the job's end).
+type Leased = (Uuid, Vec<Uuid>, DateTime<Utc>);
+
 /// Takes the deadlines due at `now` that no other instance holds.
-async fn lease_due(
-    state: &AppState,
-    now: DateTime<Utc>,
-) -> Result<Vec<(Uuid, Vec<Uuid>)>, sqlx::Error> {
+async fn lease_due(state: &AppState, now: DateTime<Utc>) -> Result<Vec<Leased>, sqlx::Error> {
     sqlx::query_as(
         "UPDATE order_deadlines SET leased_until = $1 + make_interval(secs => $2), attempts = attempts + 1 \
          WHERE order_id IN ( \
              SELECT order_id FROM order_deadlines \
              WHERE due_at <= $1 AND (leased_until IS NULL OR leased_until <= $1) \
              ORDER BY due_at LIMIT $3 FOR UPDATE SKIP LOCKED) \
-         RETURNING order_id, variant_ids",
+         RETURNING order_id, variant_ids, leased_until",
     )
     .bind(now)
     .bind(LEASE.as_secs_f64())
@@ -61,13 +63,18 @@ pub async fn try_expire_due(
     let due = lease_due(state, now).await?;
     let mut outcome = ExpiryOutcome::default();
     let run = format!("scheduler:{}", Uuid::now_v7());
-    for (order_id, variant_ids) in due {
+    for (order_id, variant_ids, lease) in due {
         match expire(state, order_id, &variant_ids, &run, now).await {
             Ok(()) => {
-                sqlx::query("DELETE FROM order_deadlines WHERE order_id = $1")
-                    .bind(order_id)
-                    .execute(&state.pool)
-                    .await?;
+                // A late payment that took the units again meanwhile set a
+                // new deadline (and cleared the lease): that one stays.
+                sqlx::query(
+                    "DELETE FROM order_deadlines WHERE order_id = $1 AND leased_until = $2",
+                )
+                .bind(order_id)
+                .bind(lease)
+                .execute(&state.pool)
+                .await?;
                 outcome.handled += 1;
             }
             Err(error) => {

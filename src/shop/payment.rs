@@ -104,7 +104,7 @@ pub async fn settle_paid(
     };
     match execute_order(state, order_id, confirm, metadata).await {
         Ok(position) => {
-            if !keep_stock(state, order_id, &variants_of(&order), metadata).await?
+            if !keep_stock(state, &order, metadata).await?
                 || refund_decided_since(state, order_id, &intent.id).await?
             {
                 // Paid already, by a late payment whose hold was released
@@ -191,20 +191,21 @@ fn stock_failure(error: CommandError<InventoryError>) -> ApiError {
 /// are gone: the money cannot be kept.
 async fn keep_stock(
     state: &AppState,
-    order_id: Uuid,
-    lines: &[(Uuid, u32)],
+    order: &Order,
     metadata: &Metadata,
 ) -> Result<bool, ApiError> {
+    let order_id = order.order_id();
+    let lines = variants_of(order);
     for _ in 0..LATE_PAYMENT_ATTEMPTS {
-        if let Committed::All = commit_stock(state, order_id, lines, metadata).await? {
+        if let Committed::All = commit_stock(state, order_id, &lines, metadata).await? {
             return Ok(true);
         }
-        if !reserve_again(state, order_id, lines, metadata).await? {
+        if !reserve_again(state, order, metadata).await? {
             break;
         }
     }
     // The money goes back, so the units it took go back too.
-    give_back_units(state, order_id, lines, metadata).await?;
+    give_back_units(state, order_id, &lines, metadata).await?;
     Ok(false)
 }
 
@@ -291,7 +292,7 @@ pub async fn settle_paid_stock(
         )));
     };
     if !order.refund_decided(intent_id)
-        && keep_stock(state, order_id, &variants_of(&order), metadata).await?
+        && keep_stock(state, &order, metadata).await?
         && !refund_decided_since(state, order_id, intent_id).await?
     {
         return Ok(());
@@ -312,7 +313,7 @@ async fn honour_or_refund(
     metadata: &Metadata,
 ) -> Result<Settlement, ApiError> {
     let lines = variants_of(order);
-    if !reserve_again(state, order_id, &lines, metadata).await? {
+    if !reserve_again(state, order, metadata).await? {
         return refund_order(state, order, &intent.id, intent.amount_cents, metadata).await;
     }
     let honour = OrderCommand::HonourLatePayment {
@@ -336,7 +337,7 @@ async fn honour_or_refund(
             };
         }
     };
-    if keep_stock(state, order_id, &lines, metadata).await?
+    if keep_stock(state, order, metadata).await?
         && !refund_decided_since(state, order_id, &intent.id).await?
     {
         wait_for_orders(state, position).await?;
@@ -349,13 +350,18 @@ async fn honour_or_refund(
 }
 
 /// Reserves every line again for the order; false (and nothing held) when
-/// any line is short.
+/// any line is short. The new hold gets a deadline first, so that it ends
+/// even if what follows (the payment's commit, say) fails and nobody
+/// retries: at the deadline the scheduler commits the units of an order
+/// that is paid and releases those of one that is not.
 async fn reserve_again(
     state: &AppState,
-    order_id: Uuid,
-    lines: &[(Uuid, u32)],
+    order: &Order,
     metadata: &Metadata,
 ) -> Result<bool, ApiError> {
+    let order_id = order.order_id();
+    let lines = variants_of(order);
+    set_deadline(state, order, &lines).await?;
     for (index, (variant_id, quantity)) in lines.iter().enumerate() {
         let quantity = Quantity::new(*quantity).map_err(ApiError::internal)?;
         let reserve = InventoryCommand::Reserve { order_id, quantity };
@@ -374,6 +380,30 @@ async fn reserve_again(
         }
     }
     Ok(true)
+}
+
+/// Gives the order's hold a deadline one hold's length from now (the first
+/// one was deleted when the order expired), clearing any lease on it.
+async fn set_deadline(
+    state: &AppState,
+    order: &Order,
+    lines: &[(Uuid, u32)],
+) -> Result<(), ApiError> {
+    let due_at = Utc::now()
+        + chrono::Duration::from_std(state.settings.order_hold).map_err(ApiError::internal)?;
+    let variant_ids: Vec<Uuid> = lines.iter().map(|(variant_id, _)| *variant_id).collect();
+    sqlx::query(
+        "INSERT INTO order_deadlines (order_id, user_id, due_at, variant_ids) VALUES ($1, $2, $3, $4) \
+         ON CONFLICT (order_id) DO UPDATE SET due_at = EXCLUDED.due_at, variant_ids = EXCLUDED.variant_ids, \
+                                              leased_until = NULL, attempts = 0, last_error = NULL",
+    )
+    .bind(order.order_id())
+    .bind(order.user_id())
+    .bind(due_at)
+    .bind(&variant_ids)
+    .execute(&state.pool)
+    .await?;
+    Ok(())
 }
 
 async fn refund_at_provider(

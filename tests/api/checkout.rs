@@ -1133,6 +1133,40 @@ async fn a_late_payment_is_honoured_when_the_stock_is_still_there() {
     assert_eq!(counts(&stock(&app, &admin, variant).await), (1, 0, 1));
 }
 
+#[tokio::test]
+async fn a_late_payment_whose_commit_failed_has_its_new_hold_ended_by_a_deadline() {
+    let stripe = FakeStripe::start().await;
+    let app = stripe_app(&stripe, 1).await;
+    let admin = TestUser::create_admin(&app).await;
+    let variant = product_with_stock(&app, &admin, 3).await;
+    let buyer = buyer_with_cart(&app, variant, 2).await;
+    let order: Value = checkout(&app, &buyer, "late-fails")
+        .await
+        .json()
+        .await
+        .unwrap();
+    let order_id = order["id"].as_str().unwrap().to_owned();
+    let intent_id = payment_intent_for(&app, &buyer, &order_id, "i").await;
+    wait_for_status(&app, &buyer, &order_id, "cancelled").await;
+
+    // The late payment takes the units again and is honoured, but the store
+    // fails to record their commit, and the payment is never retried.
+    stripe.set_status(&intent_id, "succeeded");
+    refuse_events_of_type(&app, "ReservationCommitted").await;
+    let delivered = deliver(&app, &stripe, "payment_intent.succeeded", &intent_id).await;
+    assert_eq!(delivered.status(), 500);
+    store_events_again(&app).await;
+    assert_eq!(order_of(&app, &buyer, &order_id).await["status"], "paid");
+
+    // A hold's length later the scheduler commits the paid order's units.
+    assert_eq!(
+        counts(&released_stock(&app, &admin, variant).await),
+        (1, 0, 1),
+        "the new hold outlived its payment's failed commit"
+    );
+    assert!(stripe.refunds().is_empty());
+}
+
 /// Marks the order paid in its events alone: what a payment whose stock
 /// commit then failed (a contended item, a lost connection) leaves.
 async fn mark_paid(app: &TestApp, order_id: &str, intent_id: &str, amount_cents: i64) {
