@@ -80,10 +80,23 @@ impl AppState {
         let Some(position) = position else {
             return Ok(());
         };
-        self.projections
+        match self
+            .projections
             .wait_for(projection, position, READ_YOUR_WRITES_TIMEOUT)
             .await
-            .map_err(ApiError::internal)
+        {
+            Ok(()) => Ok(()),
+            // The write is stored; only its read model is behind. A retry
+            // (under the same idempotency key, where there is one) finds
+            // the write done and waits again.
+            Err(error @ projections::WaitError::TimedOut { .. }) => {
+                tracing::warn!(%error, "a read model is behind its write");
+                Err(ApiError::Unavailable(
+                    "the change is saved but not yet readable; try again shortly".into(),
+                ))
+            }
+            Err(error) => Err(ApiError::internal(error)),
+        }
     }
 
     /// Waits until `projection` has applied every event stored so far for

@@ -224,6 +224,32 @@ async fn deliver(
 }
 
 #[tokio::test]
+async fn a_write_whose_read_model_falls_behind_answers_503_and_is_kept() {
+    let app = spawn_app().await;
+    let admin = TestUser::create_admin(&app).await;
+    let variant = product_with_stock(&app, &admin, 5).await;
+    let buyer = TestUser::register_customer(&app).await;
+    // The carts projection cannot record its progress while this
+    // transaction holds its checkpoint.
+    let mut stall = app.pool.begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM projection_checkpoints WHERE name = $1 FOR UPDATE")
+        .bind(projections::carts::NAME)
+        .execute(&mut *stall)
+        .await
+        .unwrap();
+
+    let added = add_to_cart(&app, &buyer, variant, 2).await;
+
+    let problem = problem(added, 503, "unavailable").await;
+    assert!(
+        problem["detail"].as_str().unwrap().contains("saved"),
+        "{problem}"
+    );
+    stall.rollback().await.unwrap();
+    assert_eq!(cart_of(&app, &buyer).await["item_count"], 2);
+}
+
+#[tokio::test]
 async fn the_cart_merges_lines_and_shows_prices_and_availability() {
     let app = spawn_app().await;
     let admin = TestUser::create_admin(&app).await;
