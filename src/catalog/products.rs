@@ -44,7 +44,7 @@ pub struct NewVariantRequest {
     /// 1 to 64 characters of `A-Z a-z 0-9 . _ -`; unique across all variants.
     pub sku: Option<String>,
     pub title: Option<String>,
-    /// Minor units (cents), not negative.
+    /// Minor units (cents), from 0 to 10,000,000,000.
     pub price_cents: Option<i64>,
     /// ISO 4217; every variant of a product has the same currency.
     pub currency: Option<String>,
@@ -74,6 +74,7 @@ pub struct VariantUpdateRequest {
     pub id: Option<Uuid>,
     pub sku: Option<String>,
     pub title: Option<String>,
+    /// Minor units (cents), from 0 to 10,000,000,000.
     pub price_cents: Option<i64>,
     pub currency: Option<String>,
     #[schema(value_type = Option<Object>)]
@@ -155,6 +156,20 @@ fn parse_initial_stock(errors: &mut FieldErrors, field: String, units: Option<i6
     }
 }
 
+/// The highest unit price, in minor units (100 million in major units): a
+/// line of the most units a cart line holds stays far inside `i64`, and so
+/// do the totals of carts and orders built from such lines.
+pub const MAX_PRICE_CENTS: i64 = 10_000_000_000;
+
+/// Whether `cents` is a unit price a variant may have; adds the error when not.
+fn check_price_range(errors: &mut FieldErrors, field: String, cents: i64) -> bool {
+    if (0..=MAX_PRICE_CENTS).contains(&cents) {
+        return true;
+    }
+    errors.add(field, format!("must be from 0 to {MAX_PRICE_CENTS}"));
+    false
+}
+
 fn parse_price(
     errors: &mut FieldErrors,
     prefix: &str,
@@ -162,8 +177,7 @@ fn parse_price(
     currency: Option<Currency>,
 ) -> Option<Money> {
     let cents = errors.require(&format!("{prefix}.price_cents"), cents)?;
-    if cents < 0 {
-        errors.add(format!("{prefix}.price_cents"), "must not be negative");
+    if !check_price_range(errors, format!("{prefix}.price_cents"), cents) {
         return None;
     }
     errors.check(
@@ -336,8 +350,8 @@ impl ProductPatch {
             let currency = variant
                 .currency
                 .and_then(|c| errors.check(format!("{field}.currency"), Currency::try_from(c)));
-            if variant.price_cents.is_some_and(|cents| cents < 0) {
-                errors.add(format!("{field}.price_cents"), "must not be negative");
+            if let Some(cents) = variant.price_cents {
+                check_price_range(&mut errors, format!("{field}.price_cents"), cents);
             }
             let initial_stock = parse_initial_stock(
                 &mut errors,

@@ -253,6 +253,7 @@ async fn create_product_reports_every_bad_field_at_once() {
         "variants": [
             {"sku": "bad sku", "title": "", "price_cents": -1, "currency": "US"},
             {"title": "ok", "price_cents": 5, "currency": "EUR", "initial_stock": -3},
+            {"sku": "DEAR-1", "title": "dear", "price_cents": 10_000_000_001_i64, "currency": "EUR"},
         ]
     });
 
@@ -282,6 +283,7 @@ async fn create_product_reports_every_bad_field_at_once() {
         "variants[0].price_cents",
         "variants[1].sku",
         "variants[1].initial_stock",
+        "variants[2].price_cents",
     ] {
         assert!(fields.contains(&field), "{field} missing from {fields:?}");
     }
@@ -430,6 +432,13 @@ async fn update_product_refuses_bad_input() {
         &json!({"variants": [{"id": variant_id, "price_cents": -5}]}),
     )
     .await;
+    let too_dear = update_product(
+        &app,
+        &admin,
+        id,
+        &json!({"variants": [{"id": variant_id, "price_cents": i64::MAX}]}),
+    )
+    .await;
     let sku_change = update_product(
         &app,
         &admin,
@@ -460,6 +469,10 @@ async fn update_product_refuses_bad_input() {
     );
     assert_eq!(
         problem(negative, 422, "validation_failed").await["errors"][0]["field"],
+        "variants[0].price_cents"
+    );
+    assert_eq!(
+        problem(too_dear, 422, "validation_failed").await["errors"][0]["field"],
         "variants[0].price_cents"
     );
     assert_eq!(
