@@ -149,7 +149,12 @@ pub async fn idempotency(
         }
     };
 
-    let body = request.extract::<Bytes>().await?;
+    // A body over the limit, or one that breaks off, is refused as any
+    // other bad request: a response, with its problem body added outside.
+    let body = match request.extract::<Bytes>().await {
+        Ok(body) => body,
+        Err(refusal) => return Ok(request.error_response(refusal)),
+    };
     let fingerprint = fingerprint(&request, &body);
     request.set_payload(actix_web::dev::Payload::from(body));
     request.extensions_mut().insert(key.clone());

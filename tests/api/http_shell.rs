@@ -212,9 +212,19 @@ async fn refusals_by_middleware_carry_the_security_headers_and_a_request_id() {
         .send()
         .await
         .unwrap();
+    let oversized = app
+        .request(Method::POST, "/api/v1/checkout/")
+        .bearer_auth(&buyer.access_token)
+        .header("idempotency-key", "too-big")
+        .header("content-type", "application/json")
+        .body(format!("{{\"note\":\"{}\"}}", "x".repeat(300 * 1024)))
+        .send()
+        .await
+        .unwrap();
     for (response, status, code) in [
         (unsigned, 401, "unauthorized"),
         (keyless, 400, "validation_failed"),
+        (oversized, 413, "payload_too_large"),
     ] {
         assert_eq!(response.headers()["x-content-type-options"], "nosniff");
         assert_eq!(response.headers()["x-frame-options"], "DENY");
