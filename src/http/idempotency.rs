@@ -155,7 +155,7 @@ pub async fn idempotency(
         Ok(body) => body,
         Err(refusal) => return Ok(request.error_response(refusal)),
     };
-    let fingerprint = fingerprint(&request, &body);
+    let (fingerprint, fingerprint_as_sent) = fingerprints(&request, &body);
     request.set_payload(actix_web::dev::Payload::from(body));
     request.extensions_mut().insert(key.clone());
     let keyed = Keyed {
@@ -164,6 +164,7 @@ pub async fn idempotency(
         user_id: user.id,
         key: key.0,
         relaxed: required,
+        fingerprint_as_sent,
     };
     if on_route(&CLAIMED_BY_HANDLER) {
         let claim = Arc::new(HandlerClaim {
@@ -286,6 +287,10 @@ struct Keyed {
     user_id: Uuid,
     key: String,
     relaxed: bool,
+    /// The request's byte-for-byte fingerprint, where it differs from the
+    /// one claimed (see [`fingerprints`]): a stored key with it is this
+    /// request's too.
+    fingerprint_as_sent: Option<Vec<u8>>,
 }
 
 impl Keyed {
@@ -423,7 +428,22 @@ impl Keyed {
     }
 }
 
-fn fingerprint(request: &ServiceRequest, body: &[u8]) -> Vec<u8> {
+/// What "the same request" means for a key: method, path, query and body,
+/// where a JSON body counts as the document it is (its objects' keys
+/// sorted, no spacing), so that a retry whose client wrote the same JSON
+/// differently is a replay, not a reused key. Anything else counts byte
+/// for byte. Also returns the byte-for-byte fingerprint when it differs,
+/// which is what keys claimed before JSON bodies were compared as
+/// documents hold.
+fn fingerprints(request: &ServiceRequest, body: &[u8]) -> (Vec<u8>, Option<Vec<u8>>) {
+    let as_sent = fingerprint_of(request, body);
+    match canonical_json(body).filter(|canonical| canonical[..] != *body) {
+        Some(canonical) => (fingerprint_of(request, &canonical), Some(as_sent)),
+        None => (as_sent, None),
+    }
+}
+
+fn fingerprint_of(request: &ServiceRequest, body: &[u8]) -> Vec<u8> {
     let mut hasher = Sha256::new();
     hasher.update(request.method().as_str().as_bytes());
     hasher.update([0]);
@@ -433,6 +453,13 @@ fn fingerprint(request: &ServiceRequest, body: &[u8]) -> Vec<u8> {
     hasher.update([0]);
     hasher.update(body);
     hasher.finalize().to_vec()
+}
+
+/// The body as compact JSON with sorted object keys (serde_json's maps are
+/// ordered by key), or `None` when it is not JSON.
+fn canonical_json(body: &[u8]) -> Option<Vec<u8>> {
+    let document: serde_json::Value = serde_json::from_slice(body).ok()?;
+    serde_json::to_vec(&document).ok()
 }
 
 fn replay(status: u16, content_type: Option<String>, body: Vec<u8>) -> HttpResponse {
@@ -464,6 +491,7 @@ impl Keyed {
             user_id,
             key,
             relaxed,
+            fingerprint_as_sent,
         } = self;
         let claim = self.claim_of(fingerprint.to_vec());
         let stored = match ledger.claim(claim).await.map_err(ApiError::internal)? {
@@ -480,7 +508,9 @@ impl Keyed {
             body,
             lease_alive,
         } = stored;
-        if stored_fingerprint != fingerprint {
+        if stored_fingerprint != fingerprint
+            && fingerprint_as_sent.as_deref() != Some(&stored_fingerprint[..])
+        {
             return Ok(Claim::Refused(Refusal::Reused));
         }
         if let (Some(status), Some(body)) = (status, body) {

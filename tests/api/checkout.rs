@@ -499,6 +499,78 @@ async fn checkout_holds_the_stock_empties_the_cart_and_replays_for_the_same_key(
     problem(other_body, 422, "idempotency_key_reused").await;
 }
 
+async fn checkout_with_body(
+    app: &TestApp,
+    buyer: &TestUser,
+    key: &str,
+    body: &str,
+) -> reqwest::Response {
+    app.request(Method::POST, "/api/v1/checkout/")
+        .bearer_auth(&buyer.access_token)
+        .header("Idempotency-Key", key)
+        .header("content-type", "application/json")
+        .body(body.to_owned())
+        .send()
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_retry_whose_json_differs_only_in_spacing_and_key_order_is_a_replay() {
+    let app = spawn_app().await;
+    let admin = TestUser::create_admin(&app).await;
+    let variant = product_with_stock(&app, &admin, 10).await;
+    let buyer = buyer_with_cart(&app, variant, 1).await;
+
+    let first = checkout_with_body(&app, &buyer, "k", r#"{"note":"gift","channel":"web"}"#).await;
+    let first_status = first.status();
+    let first_body: Value = first.json().await.unwrap();
+    let again = checkout_with_body(
+        &app,
+        &buyer,
+        "k",
+        "{ \"channel\" : \"web\",\n  \"note\": \"gift\" }",
+    )
+    .await;
+    let other = checkout_with_body(&app, &buyer, "k", r#"{"note":"gift","channel":"app"}"#).await;
+
+    assert_eq!(again.status(), first_status);
+    assert_eq!(again.headers()["idempotent-replayed"], "true");
+    assert_eq!(again.json::<Value>().await.unwrap(), first_body);
+    problem(other, 422, "idempotency_key_reused").await;
+}
+
+#[tokio::test]
+async fn a_key_stored_with_the_body_as_sent_still_replays_for_the_same_bytes() {
+    use sha2::{Digest, Sha256};
+    let app = spawn_app().await;
+    let buyer = TestUser::register_customer(&app).await;
+    let body = r#"{ "note": "gift" }"#;
+    // What a key claimed before JSON bodies were compared as documents holds.
+    let mut as_sent = Sha256::new();
+    as_sent.update(b"POST\0/api/v1/checkout/\0\0");
+    as_sent.update(body.as_bytes());
+    sqlx::query(
+        "INSERT INTO idempotency_keys (user_id, key, fingerprint, response_status, response_type, response_body) \
+         VALUES ($1, 'before', $2, 201, 'application/json', $3)",
+    )
+    .bind(buyer.id)
+    .bind(as_sent.finalize().to_vec())
+    .bind(br#"{"stored":true}"#.to_vec())
+    .execute(&app.pool)
+    .await
+    .unwrap();
+
+    let again = checkout_with_body(&app, &buyer, "before", body).await;
+
+    assert_eq!(again.status(), 201);
+    assert_eq!(again.headers()["idempotent-replayed"], "true");
+    assert_eq!(
+        again.json::<Value>().await.unwrap(),
+        json!({"stored": true})
+    );
+}
+
 #[tokio::test]
 async fn the_serial_stages_name_their_postgres_connections() {
     use commerce::db::application_names::{CHECKOUT_COMMITTER, IDEMPOTENCY_KEYS, POOL};
