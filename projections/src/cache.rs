@@ -9,8 +9,11 @@
 //!
 //! Redis is only ever a cache here: errors and timeouts are logged at debug
 //! level and read as misses, so with Redis down every answer comes from
-//! Postgres.
+//! Postgres. A change that could not be written is owed as a tombstone and
+//! written as soon as Redis answers again; until then this instance reads
+//! around Redis, so no old entry that survived the outage is served.
 
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -66,8 +69,8 @@ pub struct VersionedCache {
     prefix: String,
     ttl: Duration,
     script: Arc<redis::Script>,
-    /// When the last failure happened, while Redis counts as down.
-    breaker: Arc<Mutex<Option<Instant>>>,
+    /// Whether Redis counts as down, and the changes it has not taken yet.
+    health: Arc<Mutex<Health>>,
     /// Reads on this connection not sent yet, which later reads join.
     gathering: Arc<together::Gathering>,
 }
@@ -82,7 +85,7 @@ impl VersionedCache {
             prefix: prefix.into(),
             ttl: Duration::from_secs(3600),
             script: Arc::new(redis::Script::new(WRITE_SCRIPT)),
-            breaker: Arc::default(),
+            health: Arc::default(),
             gathering: Arc::default(),
         }
     }
@@ -214,7 +217,9 @@ impl VersionedCache {
             }
             return;
         }
-        let _ = self.outcome("(tombstones)", reply);
+        if self.outcome("(tombstones)", reply).is_none() {
+            self.owe(entries.iter().cloned());
+        }
     }
 
     /// A plain string entry (for mappings that never change, such as a slug
@@ -265,7 +270,9 @@ impl VersionedCache {
             invocation.invoke_async::<i64>(&mut connection),
         )
         .await;
-        let _ = self.outcome(name, reply);
+        if self.outcome(name, reply).is_none() && !matches!(mode, Mode::Fill) {
+            self.owe([(name.to_owned(), version)]);
+        }
     }
 
     async fn run<T: redis::FromRedisValue>(&self, name: &str, command: &redis::Cmd) -> Option<T> {
@@ -274,12 +281,91 @@ impl VersionedCache {
         self.outcome(name, reply)
     }
 
-    /// The connection, unless a recent failure says Redis is down.
+    /// The connection, unless a recent failure says Redis is down or a
+    /// change is still owed to it.
     fn healthy(&self) -> Option<ConnectionManager> {
-        let breaker = *self.breaker.lock().unwrap_or_else(PoisonError::into_inner);
-        match breaker {
+        let health = self.health.lock().unwrap_or_else(PoisonError::into_inner);
+        if !health.owed.is_empty() {
+            return None;
+        }
+        match health.failed_at {
             Some(failed) if failed.elapsed() < BREAKER_PAUSE => None,
             _ => self.connection.clone(),
+        }
+    }
+
+    /// Records changes Redis did not take, as tombstones to write once it
+    /// answers again, and starts the task that writes them.
+    fn owe(&self, entries: impl IntoIterator<Item = (String, i64)>) {
+        if self.connection.is_none() {
+            return;
+        }
+        let mut health = self.health.lock().unwrap_or_else(PoisonError::into_inner);
+        for (name, version) in entries {
+            let owed = health.owed.entry(name).or_insert(version);
+            *owed = (*owed).max(version);
+        }
+        if health.owed.is_empty() || health.paying {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        health.paying = true;
+        runtime.spawn(self.clone().pay_owed());
+    }
+
+    /// Writes the owed tombstones, every [`BREAKER_PAUSE`] until Redis takes
+    /// them; changes owed meanwhile go out in the next round.
+    async fn pay_owed(self) {
+        let Some(mut connection) = self.connection.clone() else {
+            return;
+        };
+        loop {
+            tokio::time::sleep(BREAKER_PAUSE).await;
+            let owed: Vec<(String, i64)> = {
+                let health = self.health.lock().unwrap_or_else(PoisonError::into_inner);
+                health
+                    .owed
+                    .iter()
+                    .map(|(name, v)| (name.clone(), *v))
+                    .collect()
+            };
+            let mut pipeline = redis::pipe();
+            pipeline
+                .cmd("SCRIPT")
+                .arg("LOAD")
+                .arg(WRITE_SCRIPT)
+                .ignore();
+            for (name, version) in &owed {
+                pipeline
+                    .cmd("EVALSHA")
+                    .arg(self.script.get_hash())
+                    .arg(1)
+                    .arg(self.key(name))
+                    .arg(version)
+                    .arg("tombstone")
+                    .arg("")
+                    .arg(self.ttl_millis())
+                    .ignore();
+            }
+            let reply =
+                tokio::time::timeout(CALL_TIMEOUT, pipeline.query_async::<()>(&mut connection))
+                    .await;
+            if self.outcome("(owed tombstones)", reply).is_none() {
+                continue;
+            }
+            let mut health = self.health.lock().unwrap_or_else(PoisonError::into_inner);
+            for (name, version) in owed {
+                if health.owed.get(&name).is_some_and(|owed| *owed <= version) {
+                    health.owed.remove(&name);
+                }
+            }
+            if health.owed.is_empty() {
+                health.paying = false;
+                tracing::info!("cache changes owed during a Redis failure are written");
+                return;
+            }
         }
     }
 
@@ -291,7 +377,10 @@ impl VersionedCache {
     ) -> Option<T> {
         let failure = match reply {
             Ok(Ok(value)) => {
-                *self.breaker.lock().unwrap_or_else(PoisonError::into_inner) = None;
+                self.health
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .failed_at = None;
                 return Some(value);
             }
             Ok(Err(error)) => error.to_string(),
@@ -302,9 +391,24 @@ impl VersionedCache {
             error = failure,
             "cache call failed; treating as a miss"
         );
-        *self.breaker.lock().unwrap_or_else(PoisonError::into_inner) = Some(Instant::now());
+        self.health
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .failed_at = Some(Instant::now());
         None
     }
+}
+
+/// What the cache knows of Redis's state, shared by every handle on it.
+#[derive(Default)]
+struct Health {
+    /// When the last failure happened, while Redis counts as down.
+    failed_at: Option<Instant>,
+    /// Changes not written (the newest version of each entry), owed as
+    /// tombstones.
+    owed: HashMap<String, i64>,
+    /// Whether a task is writing `owed`.
+    paying: bool,
 }
 
 /// Why a write happens, which decides whether a down Redis is tried anyway.

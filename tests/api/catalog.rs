@@ -9,7 +9,9 @@ use reqwest::{Method, Response};
 use serde_json::{json, Value};
 use uuid::Uuid;
 
-use crate::helpers::{new_client, problem, spawn_app, spawn_app_with, TestApp};
+use crate::helpers::{
+    new_client, problem, spawn_app, spawn_app_with, spawn_instance_like, OwnRedis, TestApp,
+};
 use crate::users::TestUser;
 
 // ---------------------------------------------------------------- helpers
@@ -1197,4 +1199,66 @@ async fn seed_demo_fills_the_catalog_and_is_safe_to_run_twice() {
     assert_eq!(tree.as_array().unwrap().len(), 3, "{tree}");
     let clothing = listing(&app, "category=clothing&per_page=100").await;
     assert!(clothing["page"]["total"].as_u64().unwrap() > 0);
+}
+
+async fn name_served(app: &TestApp, slug: &str) -> String {
+    let page: Value = app
+        .get(&format!("/api/v1/products/get-product/{slug}"))
+        .await
+        .json()
+        .await
+        .unwrap();
+    page["name"].as_str().unwrap_or_default().to_owned()
+}
+
+#[tokio::test]
+async fn a_change_redis_missed_is_written_once_it_answers_and_meanwhile_read_around_it() {
+    let mut redis = OwnRedis::start_persistent();
+    let url = redis.url();
+    let app = spawn_app_with(move |settings| {
+        settings.redis_url = secrecy::SecretString::from(url);
+    })
+    .await;
+    let other = spawn_instance_like(&app).await;
+    let admin = TestUser::create_admin(&app).await;
+    let product = create_product(
+        &app,
+        &admin,
+        &product_body("Wool Cap", &[(&unique_sku(), 900)]),
+    )
+    .await;
+    let (id, slug) = (
+        product["id"].as_str().unwrap().to_owned(),
+        product["slug"].as_str().unwrap().to_owned(),
+    );
+    // Read twice on each instance, so that the page is cached and kept.
+    for instance in [&app, &other] {
+        for _ in 0..2 {
+            assert_eq!(name_served(instance, &slug).await, "Wool Cap");
+        }
+    }
+
+    // Redis is down while the product changes, and comes back with the
+    // old entries it had on disk: the change's tombstones never reached it.
+    redis.stop();
+    let updated = update_product(&app, &admin, &id, &json!({"name": "Wool Hat"})).await;
+    assert_eq!(updated.status(), 200);
+    redis.resume();
+
+    // Past the pause after a failure (2 s), the instances read Redis again,
+    // but the instance that owes the tombstones reads around it until it
+    // has written them; then every instance sees the change.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(name_served(&app, &slug).await, "Wool Hat");
+    let mut everywhere = false;
+    for _ in 0..50 {
+        if name_served(&app, &slug).await == "Wool Hat"
+            && name_served(&other, &slug).await == "Wool Hat"
+        {
+            everywhere = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(everywhere, "an instance still serves the old product");
 }

@@ -2,6 +2,9 @@
 //! Starting test servers and talking to them.
 
 use std::collections::HashMap;
+use std::net::TcpListener;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
 
 use commerce::config::Settings;
 use commerce::startup::Application;
@@ -198,4 +201,92 @@ pub async fn problem(response: Response, status: u16, code: &str) -> Value {
         "{body}"
     );
     body
+}
+
+/// A Redis server of this test's own, so it can be stopped and started
+/// without disturbing the other tests.
+pub struct OwnRedis {
+    port: u16,
+    process: Option<Child>,
+    /// Where it keeps its data across a stop, for one started to.
+    data_dir: Option<std::path::PathBuf>,
+}
+
+impl OwnRedis {
+    /// One that keeps nothing: a stop loses every key.
+    pub fn start() -> Self {
+        Self::start_with(None)
+    }
+
+    /// One that writes every change to its append-only file and reads it
+    /// back when resumed, as a Redis restarted with persistence does.
+    pub fn start_persistent() -> Self {
+        let dir = std::env::temp_dir().join(format!("own-redis-{}", Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        Self::start_with(Some(dir))
+    }
+
+    fn start_with(data_dir: Option<std::path::PathBuf>) -> Self {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut redis = Self {
+            port,
+            process: None,
+            data_dir,
+        };
+        redis.resume();
+        redis
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    pub fn resume(&mut self) {
+        let port = self.port.to_string();
+        let mut args = vec!["--port", &port, "--bind", "127.0.0.1", "--save", ""];
+        match &self.data_dir {
+            Some(dir) => args.extend([
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "always",
+                "--dir",
+                dir.to_str().expect("a UTF-8 temporary directory"),
+            ]),
+            None => args.extend(["--appendonly", "no"]),
+        }
+        let process = Command::new("redis-server")
+            .args(args)
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("redis-server runs");
+        self.process = Some(process);
+        for _ in 0..100 {
+            if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("redis-server did not start");
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(mut process) = self.process.take() {
+            let _ = process.kill();
+            let _ = process.wait();
+        }
+    }
+}
+
+impl Drop for OwnRedis {
+    fn drop(&mut self) {
+        self.stop();
+        if let Some(dir) = &self.data_dir {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
 }

@@ -1,81 +1,16 @@
 //! Rate limits: per class, shared across instances through Redis, local
 //! while Redis is down, login abuse per account, and who the client is.
 
-use std::net::TcpListener;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use commerce::config::Settings;
 use reqwest::Method;
 use serde_json::{json, Value};
 
-use crate::helpers::{problem, spawn_app_from, spawn_instance_like, test_settings, TestApp};
+use crate::helpers::{
+    problem, spawn_app_from, spawn_instance_like, test_settings, OwnRedis, TestApp,
+};
 use crate::users::{unique_email, TestUser};
-
-/// A Redis server of this test's own, so it can be stopped and started
-/// without disturbing the other tests.
-struct OwnRedis {
-    port: u16,
-    process: Option<Child>,
-}
-
-impl OwnRedis {
-    fn start() -> Self {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let mut redis = Self {
-            port,
-            process: None,
-        };
-        redis.resume();
-        redis
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
-    }
-
-    fn resume(&mut self) {
-        let process = Command::new("redis-server")
-            .args([
-                "--port",
-                &self.port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("redis-server runs");
-        self.process = Some(process);
-        for _ in 0..100 {
-            if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        panic!("redis-server did not start");
-    }
-
-    fn stop(&mut self) {
-        if let Some(mut process) = self.process.take() {
-            let _ = process.kill();
-            let _ = process.wait();
-        }
-    }
-}
-
-impl Drop for OwnRedis {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
 
 fn limited(auth_per_min: u32) -> Settings {
     let mut settings = test_settings();
