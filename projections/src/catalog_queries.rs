@@ -14,6 +14,9 @@ use crate::stock::StockEntry;
 
 /// Recursive walks stop here even if concurrent moves left a cycle behind.
 const MAX_DEPTH: i32 = 64;
+/// How many levels the category tree may have: a category has fewer
+/// ancestors than this, so a path read up to [`MAX_DEPTH`] levels is whole.
+pub const MAX_CATEGORY_DEPTH: usize = MAX_DEPTH as usize;
 
 /// A category as other resources show it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema, sqlx::FromRow)]

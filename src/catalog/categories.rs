@@ -186,9 +186,7 @@ pub async fn update_category(
             .execute(&mut *lock)
             .await?;
         tree_lock = Some(lock);
-        ensure_parent(&state, parent_id).await?;
-        ancestors_of_new_parent =
-            catalog_queries::category_ancestors(&state.pool, parent_id).await?;
+        ancestors_of_new_parent = ensure_parent(&state, parent_id).await?;
     }
 
     let slug_claim = slug
@@ -228,7 +226,26 @@ pub async fn update_category(
     Ok(HttpResponse::Ok().json(page))
 }
 
-async fn ensure_parent(state: &AppState, parent_id: Uuid) -> Result<(), ApiError> {
+/// Checks that `parent_id` can take a child: it exists, and the child's
+/// ancestors stay fewer than the tree's depth limit, so that every list of
+/// ancestors read (whole up to that limit) is whole, and a move's cycle
+/// check sees every ancestor. Returns the parent's ancestors.
+async fn ensure_parent(state: &AppState, parent_id: Uuid) -> Result<Vec<Uuid>, ApiError> {
+    ensure_parent_exists(state, parent_id).await?;
+    let ancestors = catalog_queries::category_ancestors(&state.pool, parent_id).await?;
+    if ancestors.len() + 1 >= catalog_queries::MAX_CATEGORY_DEPTH {
+        return Err(ApiError::invalid_field(
+            "parent_id",
+            format!(
+                "the category tree is at most {} levels deep",
+                catalog_queries::MAX_CATEGORY_DEPTH
+            ),
+        ));
+    }
+    Ok(ancestors)
+}
+
+async fn ensure_parent_exists(state: &AppState, parent_id: Uuid) -> Result<(), ApiError> {
     if catalog_queries::category_exists(&state.pool, parent_id).await? {
         Ok(())
     } else {

@@ -241,6 +241,46 @@ async fn a_move_that_would_make_a_cycle_is_a_409() {
 }
 
 #[tokio::test]
+async fn the_tree_is_at_most_64_levels_deep_so_no_deep_move_escapes_the_cycle_check() {
+    let app = spawn_app().await;
+    let admin = TestUser::create_admin(&app).await;
+    let root = create_category(&app, &admin, "Level 0", None).await;
+    let mut deepest = root.clone();
+    for level in 1..64 {
+        deepest = create_category(
+            &app,
+            &admin,
+            &format!("Level {level}"),
+            deepest["id"].as_str(),
+        )
+        .await;
+    }
+    let body = json!({"name": "Level 64", "parent_id": deepest["id"]});
+
+    let too_deep = send_as(
+        &app,
+        Method::POST,
+        "/api/v1/categories/create-category",
+        &admin.access_token,
+        Some(&body),
+    )
+    .await;
+    let root_under_deepest = update_category(
+        &app,
+        &admin,
+        root["id"].as_str().unwrap(),
+        &json!({"parent_id": deepest["id"]}),
+    )
+    .await;
+
+    let refused = problem(too_deep, 422, "validation_failed").await;
+    assert_eq!(refused["errors"][0]["field"], "parent_id");
+    assert_eq!(root_under_deepest.status(), 422);
+    let (_, level_0) = page(&app, "level-0").await;
+    assert_eq!(level_0["parent"], Value::Null, "no cycle was made");
+}
+
+#[tokio::test]
 async fn a_renamed_category_shows_at_once_on_its_product_pages() {
     let app = spawn_app().await;
     let admin = TestUser::create_admin(&app).await;
