@@ -23,7 +23,8 @@ pub struct CreateCategoryRequest {
     pub name: Option<String>,
     /// Made from the name when absent, with a suffix when taken.
     pub slug: Option<String>,
-    /// The parent category; a root category when absent.
+    /// The parent category; a root category when absent. The tree is at
+    /// most 64 levels deep.
     pub parent_id: Option<Uuid>,
 }
 
@@ -31,7 +32,8 @@ pub struct CreateCategoryRequest {
 pub struct UpdateCategoryRequest {
     pub name: Option<String>,
     pub slug: Option<String>,
-    /// A new parent; `null` moves the category to the root.
+    /// A new parent; `null` moves the category to the root. Not one whose
+    /// children would be 64 levels down.
     #[serde(default, deserialize_with = "super::absent_null_or")]
     #[schema(value_type = Option<Uuid>)]
     pub parent_id: Option<Option<Uuid>>,
