@@ -80,7 +80,9 @@ pub async fn run(cli: Cli, settings: Settings) -> anyhow::Result<()> {
             crate::db::create_database_if_missing(&settings).await?;
             let pool = crate::db::connect(&settings).await?;
             crate::db::migrate(&pool).await?;
-            let report = crate::catalog::seed::seed_demo(&pool, products).await?;
+            let redis = crate::redis_cache::Redis::connect_lazily(&settings)?;
+            let caches = crate::read_models::Caches::new(&redis);
+            let report = crate::catalog::seed::seed_demo(&pool, &caches, products).await?;
             println!("{}", crate::catalog::seed::summary(&report));
             Ok(())
         }

@@ -22,7 +22,6 @@ use domain::inventory::{InventoryCommand, InventoryItem};
 use domain::values::{Currency, Money, Name, Sku, Slug};
 use domain::Decider;
 use futures_util::future::join_all;
-use projections::cache::VersionedCache;
 use projections::ProjectionRunner;
 use serde_json::value::RawValue;
 use serde_json::{json, Map, Value};
@@ -237,8 +236,15 @@ fn capitalised(word: &str) -> String {
         .unwrap_or_default()
 }
 
-/// Runs the seed: categories, products, then the projections' catch-up.
-pub async fn seed_demo(pool: &PgPool, products: usize) -> anyhow::Result<SeedReport> {
+/// Runs the seed: categories, products, then the projections' catch-up,
+/// with `caches` (the deployment's), since the catch-up may also apply
+/// events a running server stored meanwhile, whose cache entries it must
+/// refresh as that server's runners would.
+pub async fn seed_demo(
+    pool: &PgPool,
+    caches: &crate::read_models::Caches,
+    products: usize,
+) -> anyhow::Result<SeedReport> {
     let store = EventStore::new(pool.clone());
     let metadata = Metadata::system("seed-demo").to_json()?;
     let mut report = SeedReport::default();
@@ -258,7 +264,7 @@ pub async fn seed_demo(pool: &PgPool, products: usize) -> anyhow::Result<SeedRep
     report.append_seconds = started.elapsed().as_secs_f64();
 
     let projecting = Instant::now();
-    report.projection_events = catch_up(pool).await?;
+    report.projection_events = catch_up(pool, caches).await?;
     report.projection_seconds = projecting.elapsed().as_secs_f64();
     Ok(report)
 }
@@ -450,11 +456,9 @@ async fn seed_products(
     Ok(())
 }
 
-/// Lets every projection apply what is in the store, side by side. The new
-/// products were never cached, so the runners here leave Redis alone.
-async fn catch_up(pool: &PgPool) -> anyhow::Result<usize> {
-    let caches = crate::read_models::Caches::from_cache(VersionedCache::disabled());
-    let runners: Vec<Arc<ProjectionRunner>> = crate::read_models::all(pool, &caches)
+/// Lets every projection apply what is in the store, side by side.
+async fn catch_up(pool: &PgPool, caches: &crate::read_models::Caches) -> anyhow::Result<usize> {
+    let runners: Vec<Arc<ProjectionRunner>> = crate::read_models::all(pool, caches)
         .into_iter()
         .map(|projection| {
             Arc::new(

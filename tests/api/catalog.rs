@@ -1161,10 +1161,11 @@ async fn two_concurrent_creates_with_the_same_sku_give_one_product() {
 async fn seed_demo_fills_the_catalog_and_is_safe_to_run_twice() {
     let app = spawn_app().await;
 
-    let first = commerce::catalog::seed::seed_demo(&app.pool, 12)
+    let caches = commerce::read_models::Caches::new(&app.state.redis);
+    let first = commerce::catalog::seed::seed_demo(&app.pool, &caches, 12)
         .await
         .expect("seeded");
-    let second = commerce::catalog::seed::seed_demo(&app.pool, 14)
+    let second = commerce::catalog::seed::seed_demo(&app.pool, &caches, 14)
         .await
         .expect("seeded again");
     // The app's own runners may still be applying; wait for them to settle.
