@@ -297,7 +297,7 @@ pub async fn settle_paid_stock(
     {
         return Ok(());
     }
-    tracing::error!(%order_id, "paid order's units are gone; refunding");
+    tracing::error!(%order_id, "paid order's units are gone, or its refund was decided; refunding");
     refund_order(state, &order, intent_id, amount_cents, metadata)
         .await
         .map(drop)
