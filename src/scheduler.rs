@@ -64,26 +64,36 @@ pub async fn try_expire_due(
     let mut outcome = ExpiryOutcome::default();
     let run = format!("scheduler:{}", Uuid::now_v7());
     for (order_id, variant_ids, lease) in due {
+        // A statement that fails below leaves its deadline leased: it runs
+        // again (idempotently) once the lease is over, and the rest of the
+        // batch goes on now.
         match expire(state, order_id, &variant_ids, &run, now).await {
             Ok(()) => {
                 // A late payment that took the units again meanwhile set a
                 // new deadline (and cleared the lease): that one stays.
-                sqlx::query(
+                let deleted = sqlx::query(
                     "DELETE FROM order_deadlines WHERE order_id = $1 AND leased_until = $2",
                 )
                 .bind(order_id)
                 .bind(lease)
                 .execute(&state.pool)
-                .await?;
+                .await;
+                if let Err(error) = deleted {
+                    tracing::warn!(%order_id, %error, "could not delete a handled deadline");
+                }
                 outcome.handled += 1;
             }
             Err(error) => {
                 tracing::error!(%order_id, error, "could not expire a hold; will retry");
-                sqlx::query("UPDATE order_deadlines SET last_error = $2 WHERE order_id = $1")
-                    .bind(order_id)
-                    .bind(&error)
-                    .execute(&state.pool)
-                    .await?;
+                let noted =
+                    sqlx::query("UPDATE order_deadlines SET last_error = $2 WHERE order_id = $1")
+                        .bind(order_id)
+                        .bind(&error)
+                        .execute(&state.pool)
+                        .await;
+                if let Err(error) = noted {
+                    tracing::warn!(%order_id, %error, "could not note a deadline's failure");
+                }
                 outcome.failed += 1;
             }
         }

@@ -1265,6 +1265,52 @@ async fn a_late_payment_whose_commit_failed_has_its_new_hold_ended_by_a_deadline
     assert!(stripe.refunds().is_empty());
 }
 
+#[tokio::test]
+async fn a_deadline_whose_row_cannot_be_deleted_does_not_hold_up_the_rest_of_its_batch() {
+    let app = spawn_app_with(|settings| settings.order_hold = Duration::from_secs(900)).await;
+    let admin = TestUser::create_admin(&app).await;
+    let variant = product_with_stock(&app, &admin, 5).await;
+    let (first, second) = (
+        buyer_with_cart(&app, variant, 1).await,
+        buyer_with_cart(&app, variant, 1).await,
+    );
+    let first_order: Value = checkout(&app, &first, "a").await.json().await.unwrap();
+    let second_order: Value = checkout(&app, &second, "b").await.json().await.unwrap();
+    let (first_id, second_id) = (
+        first_order["id"].as_str().unwrap(),
+        second_order["id"].as_str().unwrap(),
+    );
+    // The first deadline's row refuses to go, as a failing statement would.
+    sqlx::raw_sql(&format!(
+        "CREATE FUNCTION refuse_delete() RETURNS trigger LANGUAGE plpgsql AS $$ \
+         BEGIN RAISE EXCEPTION 'the store is down'; END $$; \
+         CREATE TRIGGER refuse_delete BEFORE DELETE ON order_deadlines FOR EACH ROW \
+         WHEN (OLD.order_id = '{first_id}') EXECUTE FUNCTION refuse_delete();"
+    ))
+    .execute(&app.pool)
+    .await
+    .unwrap();
+    // Both come due in one step of the scheduler, the first one first.
+    sqlx::query(
+        "UPDATE order_deadlines SET due_at = now() + interval '1 second' \
+                                           + CASE WHEN order_id = $1 THEN interval '0' ELSE interval '1 microsecond' END \
+         WHERE order_id IN ($1, $2)",
+    )
+    .bind(first_id.parse::<Uuid>().unwrap())
+    .bind(second_id.parse::<Uuid>().unwrap())
+    .execute(&app.pool)
+    .await
+    .unwrap();
+
+    // Within the test's patience (ten seconds), not the lease's minute.
+    wait_for_status(&app, &first, first_id, "cancelled").await;
+    wait_for_status(&app, &second, second_id, "cancelled").await;
+    assert_eq!(
+        counts(&released_stock(&app, &admin, variant).await),
+        (5, 0, 5)
+    );
+}
+
 /// Marks the order paid in its events alone: what a payment whose stock
 /// commit then failed (a contended item, a lost connection) leaves.
 async fn mark_paid(app: &TestApp, order_id: &str, intent_id: &str, amount_cents: i64) {
