@@ -195,18 +195,7 @@ impl VersionedCache {
             return;
         }
         let mut pipeline = redis::pipe();
-        for (name, version) in entries {
-            pipeline
-                .cmd("EVALSHA")
-                .arg(self.script.get_hash())
-                .arg(1)
-                .arg(self.key(name))
-                .arg(version)
-                .arg("tombstone")
-                .arg("")
-                .arg(self.ttl_millis())
-                .ignore();
-        }
+        self.push_tombstones(&mut pipeline, entries);
         let reply =
             tokio::time::timeout(CALL_TIMEOUT, pipeline.query_async::<()>(&mut connection)).await;
         if let Ok(Err(_)) = reply {
@@ -219,6 +208,23 @@ impl VersionedCache {
         }
         if self.outcome("(tombstones)", reply).is_none() {
             self.owe(entries.iter().cloned());
+        }
+    }
+
+    /// Adds a tombstone write (the write script by its hash) for each entry
+    /// to `pipeline`, its replies ignored.
+    fn push_tombstones(&self, pipeline: &mut redis::Pipeline, entries: &[(String, i64)]) {
+        for (name, version) in entries {
+            pipeline
+                .cmd("EVALSHA")
+                .arg(self.script.get_hash())
+                .arg(1)
+                .arg(self.key(name))
+                .arg(version)
+                .arg("tombstone")
+                .arg("")
+                .arg(self.ttl_millis())
+                .ignore();
         }
     }
 
@@ -337,18 +343,7 @@ impl VersionedCache {
                 .arg("LOAD")
                 .arg(WRITE_SCRIPT)
                 .ignore();
-            for (name, version) in &owed {
-                pipeline
-                    .cmd("EVALSHA")
-                    .arg(self.script.get_hash())
-                    .arg(1)
-                    .arg(self.key(name))
-                    .arg(version)
-                    .arg("tombstone")
-                    .arg("")
-                    .arg(self.ttl_millis())
-                    .ignore();
-            }
+            self.push_tombstones(&mut pipeline, &owed);
             let reply =
                 tokio::time::timeout(CALL_TIMEOUT, pipeline.query_async::<()>(&mut connection))
                     .await;
