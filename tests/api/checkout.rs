@@ -233,15 +233,7 @@ async fn a_write_whose_read_model_falls_behind_answers_503_and_is_kept() {
     // rows. Not a lock held open: an open transaction anywhere in the
     // cluster holds back every test's projections (their horizon is the
     // oldest running transaction id).
-    sqlx::raw_sql(
-        "CREATE FUNCTION refuse_cart() RETURNS trigger LANGUAGE plpgsql AS $$ \
-         BEGIN RAISE EXCEPTION 'the read model is down'; END $$; \
-         CREATE TRIGGER refuse_cart BEFORE INSERT OR UPDATE ON carts \
-         FOR EACH ROW EXECUTE FUNCTION refuse_cart();",
-    )
-    .execute(&app.pool)
-    .await
-    .unwrap();
+    refuse_writes(&app, "INSERT OR UPDATE", "carts", "true").await;
 
     let added = add_to_cart(&app, &buyer, variant, 2).await;
 
@@ -250,10 +242,7 @@ async fn a_write_whose_read_model_falls_behind_answers_503_and_is_kept() {
         problem["detail"].as_str().unwrap().contains("saved"),
         "{problem}"
     );
-    sqlx::raw_sql("DROP TRIGGER refuse_cart ON carts; DROP FUNCTION refuse_cart();")
-        .execute(&app.pool)
-        .await
-        .unwrap();
+    stop_refusing(&app, "carts").await;
     let mut kept = Value::Null;
     for _ in 0..20 {
         let response = app
@@ -1272,7 +1261,7 @@ async fn a_late_payment_whose_commit_failed_has_its_new_hold_ended_by_a_deadline
     refuse_events_of_type(&app, "ReservationCommitted").await;
     let delivered = deliver(&app, &stripe, "payment_intent.succeeded", &intent_id).await;
     assert_eq!(delivered.status(), 500);
-    store_events_again(&app).await;
+    stop_refusing(&app, "events").await;
     assert_eq!(order_of(&app, &buyer, &order_id).await["status"], "paid");
 
     // A hold's length later the scheduler commits the paid order's units.
@@ -1300,15 +1289,8 @@ async fn a_deadline_whose_row_cannot_be_deleted_does_not_hold_up_the_rest_of_its
         second_order["id"].as_str().unwrap(),
     );
     // The first deadline's row refuses to go, as a failing statement would.
-    sqlx::raw_sql(&format!(
-        "CREATE FUNCTION refuse_delete() RETURNS trigger LANGUAGE plpgsql AS $$ \
-         BEGIN RAISE EXCEPTION 'the store is down'; END $$; \
-         CREATE TRIGGER refuse_delete BEFORE DELETE ON order_deadlines FOR EACH ROW \
-         WHEN (OLD.order_id = '{first_id}') EXECUTE FUNCTION refuse_delete();"
-    ))
-    .execute(&app.pool)
-    .await
-    .unwrap();
+    let first_row = format!("OLD.order_id = '{first_id}'");
+    refuse_writes(&app, "DELETE", "order_deadlines", &first_row).await;
     // Both come due in one step of the scheduler, the first one first.
     sqlx::query(
         "UPDATE order_deadlines SET due_at = now() + interval '1 second' \
@@ -1488,25 +1470,34 @@ async fn a_paid_order_that_cannot_keep_every_line_puts_back_what_it_had_sold_and
     assert_eq!(counts(&stock(&app, &admin, plenty).await), (5, 0, 5));
 }
 
-/// Makes this test's event store refuse `event_type` until
-/// [`store_events_again`], as a store that fails at that moment would.
-async fn refuse_events_of_type(app: &TestApp, event_type: &str) {
+/// Makes `writes` ("INSERT", "DELETE", "INSERT OR UPDATE") on `table` in
+/// this test's database fail for the rows the trigger condition `rows`
+/// picks, as a store that fails at that moment would, until
+/// [`stop_refusing`]. Each failing statement rolls back at once: no
+/// transaction stays open (one would hold back every test's projections).
+async fn refuse_writes(app: &TestApp, writes: &str, table: &str, rows: &str) {
     sqlx::raw_sql(&format!(
-        "CREATE FUNCTION refuse_event() RETURNS trigger LANGUAGE plpgsql AS $$ \
+        "CREATE OR REPLACE FUNCTION refuse_writes() RETURNS trigger LANGUAGE plpgsql AS $$ \
          BEGIN RAISE EXCEPTION 'the store is down'; END $$; \
-         CREATE TRIGGER refuse_event BEFORE INSERT ON events FOR EACH ROW \
-         WHEN (NEW.event_type = '{event_type}') EXECUTE FUNCTION refuse_event();"
+         CREATE TRIGGER refuse_writes BEFORE {writes} ON {table} FOR EACH ROW \
+         WHEN ({rows}) EXECUTE FUNCTION refuse_writes();"
     ))
     .execute(&app.pool)
     .await
     .unwrap();
 }
 
-async fn store_events_again(app: &TestApp) {
-    sqlx::raw_sql("DROP TRIGGER refuse_event ON events; DROP FUNCTION refuse_event();")
+async fn stop_refusing(app: &TestApp, table: &str) {
+    sqlx::raw_sql(&format!("DROP TRIGGER refuse_writes ON {table}"))
         .execute(&app.pool)
         .await
         .unwrap();
+}
+
+/// Makes this test's event store refuse events of `event_type`.
+async fn refuse_events_of_type(app: &TestApp, event_type: &str) {
+    let rows = format!("NEW.event_type = '{event_type}'");
+    refuse_writes(app, "INSERT", "events", &rows).await;
 }
 
 /// How many times the order's units were reserved.
@@ -1545,7 +1536,7 @@ async fn a_refund_made_at_the_provider_but_not_recorded_is_finished_by_the_retry
     let first = deliver(&app, &stripe, "payment_intent.succeeded", &intent_id).await;
     assert_eq!(first.status(), 500);
     assert_eq!(stripe.refunds().len(), 1, "the money went back");
-    store_events_again(&app).await;
+    stop_refusing(&app, "events").await;
 
     // Units arrive before the retry: the money is gone already, so they
     // must not be taken for this order.
